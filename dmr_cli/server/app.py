@@ -1,0 +1,132 @@
+"""The daemon: a Starlette app in DMR's routing shape, served by uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from dmr_cli import __version__, config
+from dmr_cli.server import models
+from dmr_cli.server.http import text_error
+from dmr_cli.server.state import State
+from dmr_cli.store import Store
+
+log = logging.getLogger("dmr")
+PARTIAL_SWEEP_INTERVAL = 3600.0
+
+
+async def root(request: Request) -> Response:
+    return PlainTextResponse("Docker Model Runner is running")
+
+
+async def version(request: Request) -> Response:
+    return JSONResponse({"version": __version__})
+
+
+async def not_found(request: Request) -> Response:
+    """DMR's sub-routers answer any unknown path or method with a plain 404."""
+    return text_error(404, "not found")
+
+
+async def page_not_found(request: Request, exc: Exception) -> Response:
+    return text_error(404, "404 page not found")
+
+
+ANY = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
+
+
+def create_app(store: Store) -> Starlette:
+    e = models.handle_errors
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await asyncio.to_thread(store.ensure_layout)
+        sweeper = asyncio.create_task(_sweep_partials(store))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+
+    routes = [
+        Route("/", root, methods=["GET"]),
+        Route("/version", version, methods=["GET"]),
+        Route("/models", e(models.list_models), methods=["GET"]),
+        Route("/models/", e(models.list_models), methods=["GET"]),
+        Route("/models/create", e(models.create_model), methods=["POST"]),
+        Route("/models/load", e(models.load_model), methods=["POST"]),
+        Route("/models/purge", e(models.purge), methods=["DELETE"]),
+        Route("/models/{rest:path}", e(models.model_route), methods=["GET", "POST", "DELETE"]),
+        Route("/models/{rest:path}", not_found, methods=ANY),
+        Route("/engines/df", e(models.disk_usage), methods=["GET"]),
+        Route("/engines/{rest:path}", not_found, methods=ANY),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={404: page_not_found}
+    )
+    app.state.dmr = State(store=store)
+    return app
+
+
+async def _sweep_partials(store: Store) -> None:
+    """Partial downloads older than 7 days go; first sweep an interval after start-up."""
+    while True:
+        await asyncio.sleep(PARTIAL_SWEEP_INTERVAL)
+        with contextlib.suppress(OSError):
+            removed = await asyncio.to_thread(store.clean_stale_partials)
+            for path in removed:
+                log.info("removed stale partial download %s", path.name)
+
+
+def setup_logging() -> None:
+    level = config.env("LOG_LEVEL", "info").upper().replace("WARNING", "WARN")
+    level = {"WARN": "WARNING"}.get(level, level)
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    with contextlib.suppress(OSError):
+        log_dir = config.log_dir()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_dir / "inference.log"))
+    formatter = logging.Formatter(
+        "[%(asctime)s.%(msecs)03d000000Z] %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"
+    )
+    formatter.converter = __import__("time").gmtime
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=handlers, force=True)
+
+
+def run(host: str, port: int | None, socket: str | None, models_path: Path) -> None:
+    import uvicorn
+
+    setup_logging()
+    store = Store(models_path)
+    app = create_app(store)
+    if socket:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket)
+        bind = f"unix:{socket}"
+    else:
+        bind = f"http://{host}:{port}"
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "listening on %s: anyone who can reach this address can use the daemon", host
+            )
+    log.info("dmr %s serving %s (models: %s)", __version__, bind, models_path)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port or config.DEFAULT_PORT,
+        uds=socket,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    log.info("Docker Model Runner stopped")

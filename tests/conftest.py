@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.registry import RunningRegistry, start_registry
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
+    reg = start_registry(tmp_path)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture
+def auth_registry(tmp_path: Path) -> Iterator[RunningRegistry]:
+    reg = start_registry(tmp_path, htpasswd=("dmr", "s3cret-pass"))
+    yield reg
+    reg.stop()
