@@ -27,7 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmr_cli.errors import BadRequest, Conflict, DigestMismatch, ModelNotFound, StoreError
+from dmr_cli.errors import (
+    BadRequest,
+    Conflict,
+    DigestMismatch,
+    InvalidReference,
+    ModelNotFound,
+    StoreError,
+)
 from dmr_cli.reference import (
     is_model_id,
     normalize_model_name,
@@ -228,7 +235,7 @@ class Store:
             parsed = load_json(manifest)
             config_digest = validate_digest(parsed["config"]["digest"])
             layer_digests = [validate_digest(layer["digest"]) for layer in parsed["layers"]]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, InvalidReference) as exc:
             raise BadRequest(f"invalid manifest: {exc}") from exc
         missing = [d for d in [*layer_digests, config_digest] if not self.has_blob(d)]
         if missing:
