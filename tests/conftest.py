@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.daemon import Daemon, start_daemon
 from tests.helpers.registry import RunningRegistry, start_registry
 
 
@@ -20,3 +21,10 @@ def auth_registry(tmp_path: Path) -> Iterator[RunningRegistry]:
     reg = start_registry(tmp_path, htpasswd=("dmr", "s3cret-pass"))
     yield reg
     reg.stop()
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path / "home")
+    yield d
+    d.stop()

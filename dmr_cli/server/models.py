@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -12,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from dmr_cli import config
-from dmr_cli.errors import BadRequest, DmrError, InvalidReference, NotFound
+from dmr_cli.errors import BadRequest, DmrError, InvalidReference
 from dmr_cli.reference import normalize_model_name, parse_reference
 from dmr_cli.server.http import (
     error_response,
@@ -25,6 +26,7 @@ from dmr_cli.server.http import (
 from dmr_cli.server.state import State
 
 POST_ACTIONS = ("tag", "push", "repackage")
+log = logging.getLogger("dmr")
 
 
 async def list_models(request: Request) -> Response:
@@ -312,8 +314,9 @@ def handle_errors(
             response: Response = await handler(request)
             return response
         except DmrError as exc:
-            if isinstance(exc, NotFound) and not exc.message:
-                return text_error(404, "not found")
             return error_response(exc)
+        except Exception as exc:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return text_error(500, f"internal error: {exc}")
 
     return wrapped

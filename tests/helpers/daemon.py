@@ -1,0 +1,94 @@
+"""Run the real daemon (`dmr serve`) and the real CLI as subprocesses, with an isolated home."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.helpers.registry import free_port
+
+
+def isolated_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODEL", "DMR_", "HF_"))}
+    env.update(
+        HOME=str(home),
+        XDG_DATA_HOME=str(home / ".local/share"),
+        XDG_STATE_HOME=str(home / ".local/state"),
+        XDG_CONFIG_HOME=str(home / ".config"),
+        DOCKER_CONFIG=str(home / ".docker"),
+        MODELS_PATH=str(home / "models"),
+        DMR_STATE_DIR=str(home / "state"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Daemon:
+    home: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.env["MODELS_PATH"])
+
+    def cli(
+        self, *args: str, input: str | None = None, timeout: float = 120, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "dmr_cli", *args],
+            env={**self.env, **env},
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_daemon(home: Path, **extra_env: str) -> Daemon:
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    env = isolated_env(
+        home, MODEL_RUNNER_HOST=f"http://127.0.0.1:{port}", DMR_NO_AUTO_START="1", **extra_env
+    )
+    log = open(home / "daemon.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "/tmp/srv.py", str(port), env["MODELS_PATH"]],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError((home / "daemon.log").read_text())
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/models", timeout=1) as r:
+                if r.status == 200:
+                    return Daemon(home=home, port=port, process=proc, env=env)
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("dmr serve did not become ready: " + (home / "daemon.log").read_text())
