@@ -7,10 +7,10 @@ several threads at once and must be thread-safe.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -210,19 +210,21 @@ def _pull_huggingface(
     existing = store.find(ref.tag_string)
     if existing is not None:
         return _cached(existing, progress)
-    tmp_root = store.root / "tmp"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="hf-", dir=tmp_root) as tmp:
-        result = pull_huggingface(ref, Path(tmp), token=token, progress=progress, cancel=cancel)
-        progress(event("progress", "Building model artifact...", mode="pull"))
-        artifact = build_gguf_artifact(
-            result.weights[0],
-            licenses=result.licenses,
-            chat_template=result.chat_template,
-            mmproj=result.mmproj,
-            created=result.last_modified,
-        )
-        model_id = store_artifact(store, artifact, [ref.tag_string])
+    # A staging folder per reference, kept on failure, so a retried pull resumes its files.
+    key = hashlib.sha256(ref.tag_string.encode()).hexdigest()[:16]
+    staging = store.root / "tmp" / f"hf-{key}"
+    staging.mkdir(parents=True, exist_ok=True)
+    result = pull_huggingface(ref, staging, token=token, progress=progress, cancel=cancel)
+    progress(event("progress", "Building model artifact...", mode="pull"))
+    artifact = build_gguf_artifact(
+        result.weights[0],
+        licenses=result.licenses,
+        chat_template=result.chat_template,
+        mmproj=result.mmproj,
+        created=result.last_modified,
+    )
+    model_id = store_artifact(store, artifact, [ref.tag_string])
+    shutil.rmtree(staging, ignore_errors=True)
     message = "Model pulled successfully"
     progress(event("success", message, mode="pull"))
     return PullResult(model_id=model_id, message=message, cached=False)

@@ -389,7 +389,7 @@ class Store:
                     reclaimable_inodes.add(key)
                 else:
                     kept_inodes.add(key)
-            elif rel[0] == "bundles":
+            elif rel[0] in ("bundles", "tmp"):
                 reclaimable_inodes.add(key)
         reclaimable = sum(sizes[k] for k in reclaimable_inodes - kept_inodes)
         return DiskUsage(models=total, reclaimable=reclaimable)
@@ -405,6 +405,11 @@ class Store:
                         if path.stat().st_mtime < cutoff:
                             path.unlink()
                             removed.append(path)
+        for staging in (self.root / "tmp").glob("*"):  # Hugging Face downloads kept for resume
+            newest = max((p.stat().st_mtime for p in _walk_files(staging)), default=0.0)
+            if max(newest, staging.stat().st_mtime) < cutoff:
+                shutil.rmtree(staging, ignore_errors=True)
+                removed.append(staging)
         return removed
 
 

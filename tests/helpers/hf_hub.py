@@ -7,7 +7,8 @@ A real HTTP server on 127.0.0.1 implementing what `dmr_cli.distribution.huggingf
   (`type, path, size, oid, lfs{oid,size,pointerSize}`), paginated with a `Link: rel="next"`
   header when `page_size` is set
 * `GET /<repo>/resolve/<rev>/<path>` → the file; LFS files answer 302 to `/cdn/<sha256>`, as
-  the Hub redirects to its CDN. Both honour `Range: bytes=N-[M]` with 206.
+  the Hub redirects to its CDN. Both honour `Range: bytes=N-[M]` with 206 (unless
+  `honour_range` is turned off, to play a server that ignores it).
 
 `<rev>` is `main` or the repository's commit sha. Repository names match case-insensitively,
 as on the Hub. A repository added with `token=` answers 401 without `Authorization: Bearer`,
@@ -66,6 +67,7 @@ class FakeHub:
     repos: dict[str, HubRepo] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     page_size: int | None = None
+    honour_range: bool = True
 
     @property
     def url(self) -> str:
@@ -221,7 +223,7 @@ def start_hub() -> FakeHub:
 
         def _send_bytes(self, content: bytes) -> None:
             m = re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("Range", ""))
-            if m and int(m.group(1)) < len(content):
+            if m and hub.honour_range and int(m.group(1)) < len(content):
                 start = int(m.group(1))
                 end = int(m.group(2)) if m.group(2) else len(content) - 1
                 body = content[start : end + 1]
@@ -256,7 +258,9 @@ def start_hub() -> FakeHub:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="fake-hf-hub", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hf-hub", daemon=True
+    )
     hub = FakeHub(server, thread)
     thread.start()
     return hub
