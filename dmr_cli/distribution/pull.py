@@ -1,4 +1,4 @@
-"""Pull and push orchestration: registry client + store, with DMR's progress events (spec §2.4, §6).
+"""Pull orchestration: registry client + store, with DMR's progress events (spec §2.4, §6).
 
 Everything here is synchronous and runs in worker threads; `progress` may be called from
 several threads at once and must be thread-safe.
@@ -16,11 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dmr_cli import config
-from dmr_cli.errors import Cancelled, InvalidReference, StoreError
+from dmr_cli.errors import Cancelled, InvalidReference
 from dmr_cli.reference import Reference, is_model_id, normalize_model_name, parse_reference
 from dmr_cli.store import Model, Store
 
@@ -249,66 +248,3 @@ def store_artifact(store: Store, artifact: Any, tags: Sequence[str]) -> str:
                 shutil.copyfile(layer.path, store.incomplete_path(layer.digest))
                 os.replace(store.incomplete_path(layer.digest), final)
         return store.write_model(artifact.manifest, tags)
-
-
-def push(
-    store: Store,
-    value: str,
-    *,
-    progress: Progress,
-    bearer_token: str | None = None,
-) -> None:
-    """Push a stored model to the registry its reference names."""
-    model = store.get(value)
-    ref = parse_pull_reference(value)
-    blobs: list[tuple[str, Path | bytes, int]] = [
-        (layer["digest"], store.blob_path(layer["digest"]), int(layer["size"]))
-        for layer in model.layers
-    ]
-    config_digest = model.config_digest
-    config_bytes = store.blob_path(config_digest).read_bytes()
-    blobs.append((config_digest, config_bytes, len(config_bytes)))
-    _push_blobs(ref, blobs, store.manifest_bytes(model.id), progress, bearer_token)
-
-
-def push_artifact(
-    artifact: Any, target: str, progress: Progress, bearer_token: str | None = None
-) -> None:
-    """Push an artifact built by `dmr package` straight to a registry (no daemon involved)."""
-    ref = parse_pull_reference(target)
-    blobs: list[tuple[str, Path | bytes, int]] = [
-        (layer.digest, layer.path if layer.data is None else layer.data, layer.size)
-        for layer in artifact.layers
-    ]
-    blobs.append((artifact.config_digest, artifact.config, len(artifact.config)))
-    _push_blobs(ref, blobs, artifact.manifest, progress, bearer_token)
-
-
-def _push_blobs(
-    ref: Reference,
-    blobs: Sequence[tuple[str, Path | bytes, int]],
-    manifest: bytes,
-    progress: Progress,
-    bearer_token: str | None,
-) -> None:
-    if ref.is_huggingface:
-        raise InvalidReference("pushing to Hugging Face is not supported; push to an OCI registry")
-    client = _registry_client(bearer_token)
-    total = sum(size for _, _, size in blobs)
-    try:
-        for digest, source, size in blobs:
-            if isinstance(source, Path) and not source.is_file():
-                raise StoreError(f"blob {digest} is missing from the store")
-            report = LayerProgress(
-                progress, mode="push", verb="Uploaded", total=total, digest=digest, size=size
-            )
-            client.upload_blob(ref, digest, source, size, report)
-            report.start_at(size - 1)
-            report(1)
-        media_type = json.loads(manifest).get(
-            "mediaType", "application/vnd.oci.image.manifest.v1+json"
-        )
-        client.put_manifest(ref, manifest, media_type)
-    finally:
-        client.close()
-    progress(event("success", "Model pushed successfully", mode="push"))

@@ -140,7 +140,7 @@ async def tag_model(request: Request, ref: str) -> Response:
 
 
 async def push_model(request: Request, ref: str) -> Response:
-    from dmr_cli.distribution import pull
+    from dmr_cli.distribution import pull, push
 
     state: State = request.app.state.dmr
     body = await read_json(request)
@@ -149,7 +149,7 @@ async def push_model(request: Request, ref: str) -> Response:
     await asyncio.to_thread(state.store.get, ref)
 
     def work(progress: Callable[[dict[str, Any]], None], cancel: threading.Event) -> None:
-        pull.push(state.store, ref, progress=progress, bearer_token=token)
+        push.push(state.store, ref, progress=progress, bearer_token=token)
 
     return await progress_stream(request, work)
 
@@ -170,11 +170,11 @@ async def repackage_model(request: Request, ref: str) -> Response:
     def work() -> None:
         store = state.store
         model = store.get(ref)
-        config_bytes = store.blob_path(model.config_digest).read_bytes()
-        manifest, new_config = with_context_size(
-            store.manifest_bytes(model.id), config_bytes, context_size or 0
-        )
-        store.write_blob_bytes(new_config)
+        manifest = store.manifest_bytes(model.id)
+        if context_size is not None:
+            config_bytes = store.blob_path(model.config_digest).read_bytes()
+            manifest, new_config = with_context_size(manifest, config_bytes, context_size)
+            store.write_blob_bytes(new_config)
         store.write_model(manifest, [target])
 
     await asyncio.to_thread(work)

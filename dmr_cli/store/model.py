@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -39,13 +40,14 @@ class Model:
     @property
     def config(self) -> dict[str, Any]:
         """The inner DMR config object (`format`, `quantization`, ... , `gguf`)."""
-        return docker_config(self.raw_config)
+        from dmr_cli.distribution.artifact import inner_config
+
+        return inner_config(self.raw_config)
 
     @property
     def created(self) -> int:
-        value = (self.raw_config.get("descriptor") or {}).get("created") or self.raw_config.get(
-            "created"
-        )
+        descriptor = self.raw_config.get("descriptor") or {}
+        value = descriptor.get("created") or descriptor.get("createdAt")
         return rfc3339_to_unix(value) if isinstance(value, str) else 0
 
     @property
@@ -70,26 +72,13 @@ class Model:
 
 
 def rfc3339_to_unix(value: str) -> int:
+    """Go writes 0–9 fractional digits; Python 3.10's parser wants exactly 3 or 6."""
+    value = re.sub(r"\.(\d+)", lambda m: "." + (m[1] + "000000")[:6], value.strip())
+    value = value.replace("Z", "+00:00")
     try:
-        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
+        return int(datetime.fromisoformat(value).timestamp())
     except ValueError:
         return 0
-
-
-def docker_config(raw: dict[str, Any]) -> dict[str, Any]:
-    """Docker-format configs carry `config`; CNCF ModelPack ones are converted (spec §2.3)."""
-    inner = raw.get("config")
-    if isinstance(inner, dict) and "paramSize" in inner:
-        converted: dict[str, Any] = {"format": inner.get("format", "")}
-        for src, dst in (
-            ("paramSize", "parameters"),
-            ("quantization", "quantization"),
-            ("architecture", "architecture"),
-        ):
-            if inner.get(src):
-                converted[dst] = inner[src]
-        return converted
-    return dict(inner) if isinstance(inner, dict) else {}
 
 
 def load_json(data: bytes) -> dict[str, Any]:

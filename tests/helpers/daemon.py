@@ -57,6 +57,15 @@ class Daemon:
             timeout=timeout,
         )
 
+    def cli_background(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "dmr_cli", *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -75,7 +84,7 @@ def start_daemon(home: Path, **extra_env: str) -> Daemon:
     )
     log = open(home / "daemon.log", "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "/tmp/srv.py", str(port), env["MODELS_PATH"]],
+        [sys.executable, "-m", "dmr_cli", "serve", "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -63,9 +63,9 @@ def push_hand_artifact(registry_url: str, repo: str, tag: str, art: HandArtifact
             start = client.post(f"/v2/{repo}/blobs/uploads/")
             assert start.status_code == 202, start.text
             location = start.headers["location"]
+            separator = "&" if "?" in location else "?"
             put = client.put(
-                location,
-                params={"digest": digest_of(blob)},
+                f"{location}{separator}digest={digest_of(blob)}",
                 content=blob,
                 headers={"Content-Type": "application/octet-stream"},
             )

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class CountingProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, rate: float | None = None) -> None:
+        """`rate` caps the total server → client bytes per second (a slow link)."""
         self.target = (target_host, target_port)
+        self.rate = rate
+        self._started: float | None = None  # pacing starts with the first byte
         self.downstream_bytes = 0  # server → client
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -32,11 +36,20 @@ class CountingProxy:
 
     def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
         try:
-            while data := src.recv(1 << 16):
+            while data := src.recv(1 << 16 if self.rate is None else 1 << 14):
                 dst.sendall(data)
                 if count:
                     with self._lock:
+                        if self._started is None:
+                            self._started = time.monotonic()
                         self.downstream_bytes += len(data)
+                        ahead = (
+                            self.downstream_bytes / self.rate - (time.monotonic() - self._started)
+                            if self.rate
+                            else 0.0
+                        )
+                    if ahead > 0:
+                        time.sleep(ahead)
         except OSError:
             pass
         finally:
