@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.helpers.daemon import start_daemon  # noqa: E402
-from tests.helpers.oci import hand_artifact  # noqa: E402
+from tests.helpers.daemon import start_daemon
+from tests.helpers.oci import hand_artifact
 
 
 def wall(cmd: list[str], env: dict[str, str]) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
                 "dmr status --json": [dmr, "status", "--json"],
             }
             times: dict[str, list[float]] = {name: [] for name in commands}
-            for name, cmd in commands.items():  # warm the page cache
+            for cmd in commands.values():  # warm the page cache
                 wall(cmd, daemon.env)
             for _ in range(args.runs):
                 for name, cmd in commands.items():

@@ -13,10 +13,11 @@ DEFAULT_HOST = f"http://127.0.0.1:{DEFAULT_PORT}"
 APP_NAME = "dmr"
 
 
-def _platformdirs():  # type: ignore[no-untyped-def]
+def _user_dir(kind: str) -> Path:
+    """platformdirs' `user_<kind>_dir`, imported only when a default path is needed."""
     import platformdirs
 
-    return platformdirs
+    return Path(getattr(platformdirs, f"user_{kind}_dir")(APP_NAME))
 
 
 def env(name: str, default: str = "") -> str:
@@ -32,7 +33,7 @@ def models_path() -> Path:
     value = env("MODELS_PATH")
     if value:
         return Path(value).expanduser()
-    return Path(_platformdirs().user_data_dir(APP_NAME)) / "models"
+    return _user_dir("data") / "models"
 
 
 def state_dir() -> Path:
@@ -40,7 +41,7 @@ def state_dir() -> Path:
     value = env("DMR_STATE_DIR")
     if value:
         return Path(value).expanduser()
-    return Path(_platformdirs().user_state_dir(APP_NAME))
+    return _user_dir("state")
 
 
 def log_dir() -> Path:
@@ -55,7 +56,7 @@ def runner_dir() -> Path:
     value = env("DMR_RUNNER_DIR")
     if value:
         return Path(value).expanduser()
-    return Path(_platformdirs().user_data_dir(APP_NAME)) / "runners"
+    return _user_dir("data") / "runners"
 
 
 def docker_config_dir() -> Path:

@@ -217,7 +217,7 @@ async def export_model(request: Request, ref: str) -> Response:
 
     def produce() -> None:
         try:
-            write_model_tar(Writer(), manifest, blobs)  # type: ignore[arg-type]
+            write_model_tar(Writer(), manifest, blobs)
         finally:
             if not stop.is_set():
                 asyncio.run_coroutine_threadsafe(queue.put(None), loop).result()

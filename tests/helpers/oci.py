@@ -46,7 +46,11 @@ def hand_artifact(
         {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": config_media_type, "digest": digest_of(config), "size": len(config)},
+            "config": {
+                "mediaType": config_media_type,
+                "digest": digest_of(config),
+                "size": len(config),
+            },
             "layers": [
                 {"mediaType": layer_media_type, "digest": digest_of(b), "size": len(b)}
                 for b in layers
