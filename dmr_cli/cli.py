@@ -61,6 +61,12 @@ FAST_COMMANDS = {
     "pull": FastCommand("dmr_cli.commands.pull:pull", {}, ("model",)),
     "push": FastCommand("dmr_cli.commands.push:push", {}, ("model",)),
     "version": FastCommand("dmr_cli.commands.version:version", {}),
+    "status": FastCommand("dmr_cli.commands.status:status", {"--json": "json_output"}),
+    "ps": FastCommand("dmr_cli.commands.ps:ps", {}),
+    "logs": FastCommand(
+        "dmr_cli.commands.logs:logs",
+        {"-f": "follow", "--follow": "follow", "--no-engines": "no_engines"},
+    ),
 }
 
 
@@ -125,17 +131,23 @@ def build_app() -> typer.Typer:
     import typer
 
     from dmr_cli.commands import (
+        configure,
         df,
         inspect,
+        logs,
         ls,
         package,
+        ps,
         pull,
         purge,
         push,
         rm,
+        runner_daemon,
         serve,
         show,
+        status,
         tag,
+        unload,
         version,
     )
 
@@ -160,8 +172,31 @@ def build_app() -> typer.Typer:
     app.command("purge")(purge.purge)
     app.command("package")(package.package)
     app.command("version")(version.version)
+    app.command("status")(status.status)
+    app.command("ps")(ps.ps)
+    app.command("unload")(unload.unload)
+    app.command("stop", hidden=True)(unload.unload)
+    app.command("logs")(logs.logs)
+    app.command("configure", cls=configure.command_class())(configure.configure)
+    app.command("config", cls=configure.command_class(), hidden=True)(configure.configure)
     app.command("serve")(serve.serve)
+    app.command("start-runner")(runner_daemon.start_runner)
+    app.command("stop-runner")(runner_daemon.stop_runner)
+    app.command("restart-runner")(runner_daemon.restart_runner)
+    _add_runner_installation(app)
     return app
+
+
+def _add_runner_installation(app: typer.Typer) -> None:
+    # Guarded while commands/install_runner.py is being written alongside this file.
+    from importlib.util import find_spec
+
+    if find_spec("dmr_cli.commands.install_runner") is None:
+        return
+    from dmr_cli.commands import install_runner
+
+    app.command("install-runner")(install_runner.install_runner)
+    app.command("uninstall-runner")(install_runner.uninstall_runner)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

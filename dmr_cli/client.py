@@ -77,7 +77,11 @@ class Endpoint(NamedTuple):
 @cache
 def endpoint() -> Endpoint:
     """Where the daemon is, from `MODEL_RUNNER_HOST` (default http://127.0.0.1:12434)."""
-    url = config.runner_host()
+    return parse_endpoint(config.runner_host())
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """`http(s)://HOST:PORT[/prefix]` or `unix:///path/to.sock` as an `Endpoint`."""
     if url.startswith("unix://"):
         return Endpoint(url, "unix", "localhost", "localhost", 0, url[len("unix://") :])
     parts = urlsplit(url)
@@ -95,6 +99,12 @@ def endpoint() -> Endpoint:
 def is_default_endpoint() -> bool:
     """The local default address: the only one the CLI starts a daemon for."""
     return not config.env("MODEL_RUNNER_HOST") or config.runner_host() == config.DEFAULT_HOST
+
+
+def is_local_endpoint() -> bool:
+    """The daemon is this machine's own: the default address or a Unix socket, so its log
+    files are where `config.log_dir()` says."""
+    return is_default_endpoint() or endpoint().scheme == "unix"
 
 
 def engine_kind() -> str:
@@ -226,10 +236,16 @@ def _parse_response(raw: bytes, url: str) -> Response:
 
 
 def send(
-    method: str, path: str, body: bytes | None = None, *, timeout: float = REQUEST_TIMEOUT
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    *,
+    timeout: float = REQUEST_TIMEOUT,
+    at: Endpoint | None = None,
 ) -> Response:
-    """One HTTP/1.1 exchange (`Connection: close`), response read whole."""
-    ep = endpoint()
+    """One HTTP/1.1 exchange (`Connection: close`) with the daemon (or the one AT), response
+    read whole."""
+    ep = at or endpoint()
     head = [
         f"{method} {ep.prefix}{path} HTTP/1.1",
         f"Host: {ep.netloc}",
@@ -298,31 +314,34 @@ def _auto_start() -> None:
     start_daemon(["--host", ep.host, "--port", str(ep.port)])
 
 
-def start_daemon(args: list[str], timeout: float = AUTO_START_TIMEOUT) -> None:
-    """Start `dmr serve ARGS` in the background and wait until GET /models answers."""
-    from dmr_cli.runtime.daemon import daemon_exit_status, spawn_daemon
+def start_daemon(
+    args: list[str], timeout: float = AUTO_START_TIMEOUT, *, at: Endpoint | None = None
+) -> int:
+    """Start `dmr serve ARGS` in the background and wait until GET /models answers at the
+    CLI's endpoint (or AT, where ARGS make it listen); return its pid."""
+    from dmr_cli.runtime.daemon import daemon_exit_status, log_path, pid_path, spawn_daemon
 
-    ep = endpoint()
-    log_path = config.log_dir() / "daemon.log"
-    pid = spawn_daemon(log_path, config.state_dir() / "dmr.pid", args)
-    render.err(f"Starting dmr daemon (pid {pid}) on {ep.url}, log: {log_path}")
+    ep = at or endpoint()
+    log = log_path()
+    pid = spawn_daemon(log, pid_path(), args)
+    render.err(f"Starting dmr daemon (pid {pid}) on {ep.url}, log: {log}")
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if send("GET", "/models", timeout=timeout).status == 200:
-                return
+            if send("GET", "/models", timeout=timeout, at=ep).status == 200:
+                return pid
         except DaemonUnavailable:
             pass
         code = daemon_exit_status(pid)
         if code is not None:
             raise DaemonUnavailable(
                 f"the dmr daemon exited during start-up (exit status {code})",
-                hint=f"see its log: {log_path}",
+                hint=f"see its log: {log}",
             )
         if time.monotonic() >= deadline:
             raise DaemonUnavailable(
                 f"the dmr daemon (pid {pid}) did not answer on {ep.url} within {timeout:g} s",
-                hint=f"see its log: {log_path}",
+                hint=f"see its log: {log}",
             )
         time.sleep(AUTO_START_POLL)
 
@@ -489,6 +508,78 @@ def server_version() -> str | None:
         return str(get_json("/version", auto_start=False).get("version", ""))
     except DmrError:
         return None
+
+
+def status() -> dict[str, str] | None:
+    """DMR's status probe, which never starts a daemon: GET /models must answer (None when
+    it answers 503, "not running"), then GET /engines/status gives each backend's status.
+
+    Raises `DaemonUnavailable` when nothing can be reached."""
+    response = send("GET", "/models")
+    if response.status == 503:
+        return None
+    if response.status != 200:
+        raise DmrError(f"unexpected status code: {response.status}")
+    try:
+        return dict(get_json("/engines/status", auto_start=False) or {})
+    except NotFound:
+        return {}  # a daemon without the runtime layer
+
+
+def runtime() -> dict[str, Any] | None:
+    """dmr's GET /engines/runtime (accelerator, runner, slots); None from a daemon without
+    it, such as a real DMR."""
+    try:
+        return dict(get_json("/engines/runtime", auto_start=False))
+    except NotFound:
+        return None
+
+
+def ps() -> list[dict[str, Any]]:
+    """GET /engines/ps: the loaded runners."""
+    return list(get_json("/engines/ps", auto_start=False) or [])
+
+
+def unload(models: list[str], *, all_models: bool = False, backend: str = "") -> int:
+    """POST /engines/unload; returns how many runners went."""
+    payload = {"all": all_models, "backend": backend, "models": models}
+    answer = request_json("POST", "/engines/unload", payload, auto_start=False)
+    return int((answer or {}).get("unloaded_runners", 0))
+
+
+def configure(body: Mapping[str, Any]) -> None:
+    """POST /engines/_configure (spec §2.7 body); the daemon answers 202."""
+    request_json("POST", "/engines/_configure", dict(body), expect=(202,))
+
+
+def configs(model: str | None = None) -> list[dict[str, Any]]:
+    """GET /engines/_configure[?model=]: the stored runner configurations."""
+    query = "?" + urlencode({"model": model}) if model else ""
+    return list(get_json("/engines/_configure" + query) or [])
+
+
+def logs(*, follow: bool, no_engines: bool) -> Iterator[str]:
+    """GET /logs: the daemon's merged log as text, piece by piece as it arrives."""
+    import httpx
+
+    query = urlencode({"follow": str(follow).lower(), "no-engines": str(no_engines).lower()})
+    path = "/logs?" + query
+    try:
+        with (
+            _http_client() as http,
+            # A followed log can stay quiet for hours: no read timeout.
+            http.stream("GET", path, timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT)) as resp,
+        ):
+            if resp.status_code != 200:
+                resp.read()
+                raise error_for_status(resp.status_code, resp.text, path)
+            yield from resp.iter_text()
+    except httpx.ConnectError as e:
+        raise DaemonUnavailable(f"cannot reach the dmr daemon at {endpoint().url}: {e}") from e
+    except httpx.TransportError as e:
+        raise DaemonUnavailable(
+            f"lost the connection to the dmr daemon at {endpoint().url}: {e or type(e).__name__}"
+        ) from e
 
 
 def pull(ref: str, on_event: ProgressCallback) -> str:

@@ -216,6 +216,133 @@ def delete_result(entries: Iterable[Mapping[str, str]]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+# -- runtime administration ---------------------------------------------------------------
+
+# `dmr status` sorts backends Running < Error < Not Installed < Installing, then by name.
+BACKEND_STATES = ("Running", "Error", "Not Installed", "Installing")
+DEFAULT_KEEP_ALIVE = 300.0  # seconds, for a `ps` entry without keep_alive
+
+
+def compact_json(value: Any) -> str:
+    """Go's `json.Marshal` (what `status --json` prints): no spaces, trailing newline."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False) + "\n"
+
+
+def indented_json(value: Any) -> str:
+    """`configure show`: 2-space indent."""
+    return json.dumps(value, indent=2, ensure_ascii=False) + "\n"
+
+
+def parse_backend_status(text: str) -> tuple[str, str]:
+    """`Running: llama.cpp b9879` → (`Running`, `llama.cpp b9879`); text in no known state
+    reads as an Error, as DMR's `ParseStatus` does."""
+    for state in BACKEND_STATES:
+        if text == state:
+            return state, ""
+        if text.startswith(state + ": "):
+            return state, text[len(state) + 2 :]
+    return "Error", text
+
+
+def backends_table(backends: Mapping[str, str]) -> str:
+    """`dmr status`: BACKEND STATUS DETAILS, running backends first."""
+    rows = [[name, *parse_backend_status(text)] for name, text in backends.items()]
+    rows.sort(key=lambda row: (BACKEND_STATES.index(row[1]), row[0]))
+    return table(("BACKEND", "STATUS", "DETAILS"), rows)
+
+
+def _device(device: Mapping[str, Any]) -> str:
+    parts = [str(device.get("name") or "unknown device")]
+    if device.get("memory_bytes"):
+        parts.append(f"{int(device['memory_bytes']) / 1024**3:.2f}GiB")
+    if device.get("driver"):
+        parts.append(f"driver {device['driver']}")
+    return ", ".join(parts)
+
+
+def accelerator_info(accelerator: Mapping[str, Any]) -> str:
+    """`Accelerator: cpu (variant cpu)`, its devices, then why each other candidate lost."""
+    lines = [f"Accelerator: {accelerator.get('name')} (variant {accelerator.get('variant')})"]
+    lines += [f"  device: {_device(d)}" for d in accelerator.get("devices") or []]
+    reasons = accelerator.get("reasons") or {}
+    lines += [f"  {name}: {reason}" for name, reason in reasons.items()]
+    return "".join(line + "\n" for line in lines)
+
+
+def status_text(backends: Mapping[str, str], runtime: Mapping[str, Any] | None) -> str:
+    """`dmr status` when the daemon runs."""
+    text = "Docker Model Runner is running\n\n" + backends_table(backends)
+    if runtime and runtime.get("accelerator"):
+        text += "\n" + accelerator_info(runtime["accelerator"])
+    return text
+
+
+def _timestamp(text: str) -> float | None:
+    """RFC 3339 (Go's, up to 9 fractional digits) as Unix time; None for Go's zero time
+    (`0001-01-01T00:00:00Z`, a runner in use) or anything unreadable."""
+    import re
+    from datetime import datetime
+
+    found = re.fullmatch(
+        r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?([Zz]|[+-]\d\d:\d\d)", text.strip()
+    )
+    if not found or found[1].startswith("0001-"):
+        return None
+    fraction = f".{found[2][:6]}" if found[2] else ""
+    zone = "+00:00" if found[3] in "Zz" else found[3]
+    return datetime.fromisoformat(found[1] + fraction + zone).timestamp()
+
+
+def until(entry: Mapping[str, Any], now: float) -> str:
+    """`dmr ps` UNTIL: when the runner's keep_alive will unload it."""
+    if entry.get("loading"):
+        return "Loading..."
+    from dmr_cli.errors import BadRequest
+    from dmr_cli.runtime.flags import parse_keep_alive
+
+    try:
+        keep_alive = parse_keep_alive(entry.get("keep_alive"))
+    except BadRequest:
+        keep_alive = None
+    if keep_alive is None:
+        keep_alive = DEFAULT_KEEP_ALIVE
+    if keep_alive < 0:
+        return "Forever"
+    last_used = _timestamp(str(entry.get("last_used") or ""))
+    if entry.get("in_use") or last_used is None:
+        return human_duration(keep_alive) + " from now"
+    remaining = keep_alive - (now - last_used)
+    if remaining <= 0:
+        return "Expiring"
+    return human_duration(remaining) + " from now"
+
+
+def ps_table(entries: Iterable[Mapping[str, Any]], now: float | None = None) -> str:
+    """`dmr ps`: MODEL NAME BACKEND MODE UNTIL."""
+    from dmr_cli.reference import display_name
+
+    now = time.time() if now is None else now
+    rows = []
+    for entry in entries:
+        name = str(entry.get("model_name") or "")
+        name = name[7:19] if name.startswith("sha256:") else display_name(name.lower())
+        rows.append(
+            [
+                name,
+                str(entry.get("backend_name", "")),
+                str(entry.get("mode", "")),
+                until(entry, now),
+            ]
+        )
+    return table(("MODEL NAME", "BACKEND", "MODE", "UNTIL"), rows)
+
+
+def write(text: str) -> None:
+    """Write TEXT to stdout as it is (a stream relayed piece by piece)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 # -- progress -----------------------------------------------------------------------------
 
 
@@ -336,6 +463,70 @@ class _RichProgress:
         self._progress.update(
             self._tasks[layer_id], completed=current, total=size, description=state
         )
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def build_progress_display(*, tty: bool | None = None) -> ProgressDisplay:
+    """Source builds (`{"type": "build", "stage", "message", "percent"}` events): one bar on a
+    terminal, otherwise stage lines and `Building llama-server: 45%` once per interval."""
+    if sys.stderr.isatty() if tty is None else tty:
+        return _RichBuildProgress()
+    return PlainBuildProgress()
+
+
+class PlainBuildProgress:
+    def __init__(self, interval: float = PLAIN_PROGRESS_INTERVAL) -> None:
+        self._interval = interval
+        self._last_at = float("-inf")
+        self._last_percent: int | None = None
+
+    def update(self, event: Mapping[str, Any]) -> None:
+        percent = event.get("percent")
+        if event.get("stage") != "build" or percent is None:
+            err(str(event.get("message", "")))
+            return
+        now = time.monotonic()
+        if percent != self._last_percent and (
+            percent >= 100 or now - self._last_at >= self._interval
+        ):
+            err(f"Building llama-server: {percent}%")
+            self._last_at, self._last_percent = now, percent
+
+    def close(self) -> None:
+        pass
+
+
+class _RichBuildProgress:
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        self._task = self._progress.add_task("Building llama-server", total=100, visible=False)
+        self._progress.start()
+
+    def update(self, event: Mapping[str, Any]) -> None:
+        percent = event.get("percent")
+        if event.get("stage") != "build" or percent is None:
+            self._progress.console.print(
+                str(event.get("message", "")), markup=False, highlight=False
+            )
+            return
+        self._progress.update(self._task, completed=percent, visible=True)
 
     def close(self) -> None:
         self._progress.stop()

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,3 +31,28 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = start_daemon(tmp_path / "home")
     yield d
     d.stop()
+
+
+TEST_CACHE = Path(os.environ.get("DMR_TEST_CACHE", Path.home() / ".cache" / "dmr-test"))
+
+
+@pytest.fixture(scope="session")
+def native_llama_server() -> Path:
+    """llama-server built from source by `dmr install-runner --from-source`, cached outside
+    the temp dirs so later runs on the same machine reuse it (the first build takes ~10 min)."""
+    runner_dir = TEST_CACHE / "runners"
+    binary = runner_dir / "cpu" / "bin" / "llama-server"
+    if not binary.exists():
+        env = {
+            **os.environ,
+            "DMR_RUNNER_DIR": str(runner_dir),
+            "DMR_BUILD_CACHE": str(TEST_CACHE / "build-cache"),
+        }
+        subprocess.run(
+            [sys.executable, "-m", "dmr_cli", "install-runner", "--from-source", "--gpu", "cpu"],
+            env=env,
+            check=True,
+            timeout=3600,
+        )
+    assert binary.exists()
+    return binary

@@ -14,7 +14,7 @@ On-disk state, correct after a SIGKILL at any instant:
 
 * `<hex>.incomplete` holds downloaded bytes at their final offsets.
 * `<hex>.incomplete.ranges` (JSON `{"digest", "size", "ranges": [[start, end], ...]}`) lists
-  the ranges known to be in the file. It is replaced atomically about once a second, each
+  the ranges known to be in the file. It is replaced atomically four times a second, each
   time after an fdatasync of the data, and exists before the first out-of-order write.
 * Without a `.ranges` file the `.incomplete` is a contiguous prefix (DMR's own format, and
   what single-stream downloads write), so any prefix left by DMR resumes too.
@@ -47,7 +47,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 from urllib.parse import urljoin, urlsplit
@@ -96,7 +96,7 @@ _STEAL_MIN = 4 * MiB  # never split off less than this
 _STEAL_ALIGN = 64 * 1024
 _TICK = 0.1  # monitor: progress, cancel
 _RATE_INTERVAL = 0.5  # monitor: per-connection rates, stalls
-_JOURNAL_INTERVAL = 1.0
+_SYNC_INTERVAL = 0.25  # fdatasync + .ranges record; keeps the final fsync short too
 _SLOW_FACTOR = 8  # drop a connection slower than 1/8 of the best ...
 _SLOW_MIN_AGE = 2.0  # ... once it has had this long to ramp up ...
 _SLOW_MIN_SECONDS_LEFT = 2.0  # ... and would need longer than this to finish
@@ -137,7 +137,7 @@ def _registry_errors(body: bytes) -> tuple[set[str], str]:
     return codes, "; ".join(messages)
 
 
-def status_error(
+def _status_error(
     status: int,
     body: bytes,
     ref: Reference,
@@ -274,25 +274,27 @@ class RegistryClient:
 
         The response is streamed; the caller closes it. Network errors become `_Transient`."""
         auth = self._auth.header(ref, push)
+
+        def send(authorization: str | None) -> httpx.Response:
+            request_headers = dict(headers or {})
+            if authorization:
+                request_headers["Authorization"] = authorization
+            content = body() if callable(body) else body
+            request = self._client.build_request(
+                method, url, headers=request_headers, content=content
+            )
+            return self._client.send(request, stream=True)
+
         try:
-            for _ in range(2):
-                request_headers = dict(headers or {})
-                if auth:
-                    request_headers["Authorization"] = auth
-                content = body() if callable(body) else body
-                request = self._client.build_request(
-                    method, url, headers=request_headers, content=content
-                )
-                response = self._client.send(request, stream=True)
-                if response.status_code != 401:
-                    return response
-                challenge = response.headers.get("www-authenticate")
-                new = self._auth.on_unauthorized(ref, push, challenge, auth)
-                if new is None or new == auth:
-                    return response
-                response.close()
-                auth = new
-            return response
+            response = send(auth)
+            if response.status_code != 401:
+                return response
+            challenge = response.headers.get("www-authenticate")
+            new = self._auth.on_unauthorized(ref, push, challenge, auth)
+            if new is None or new == auth:
+                return response
+            response.close()
+            return send(new)
         except httpx.TransportError as exc:
             raise _network_error(ref, exc, what) from exc
 
@@ -309,7 +311,7 @@ class RegistryClient:
             body = b""
         finally:
             response.close()
-        return status_error(
+        return _status_error(
             response.status_code,
             body,
             ref,
@@ -845,7 +847,6 @@ class _Task:
     sample_time: float = 0.0
     rate: float = 0.0
     abort_reason: str = ""
-    errors: list[str] = field(default_factory=list)
 
 
 def _journal_path(incomplete: Path) -> Path:
@@ -889,7 +890,9 @@ class _BlobDownload:
         self.error: Exception | None = None
         self.fd = -1
         self.written = _Intervals()
-        self.queue: deque[_Task] = deque()
+        self.queue: deque[list[int]] = deque()  # [start, end] not yet handed to a worker
+        self.unassigned = 0
+        self.parallel = False
         self.active: list[_Task] = []
         self.ranges_ok: bool | None = None
         self.resolved_url: str | None = None  # where the registry redirected the blob to
@@ -935,10 +938,9 @@ class _BlobDownload:
                 self.fd = -1
 
     def _download(self, parallel: bool, use_journal: bool) -> None:
-        step = self.client.chunk_size
-        for start, end in self.written.gaps(self.size):
-            size = step if parallel else end - start
-            self.queue.extend(_Task(a, min(end, a + size)) for a in range(start, end, size))
+        self.parallel = parallel
+        self.queue.extend([start, end] for start, end in self.written.gaps(self.size))
+        self.unassigned = self.size - self.written.total
         self.unreported = self.written.total
         if self.written.total:
             log.info("resuming %s: %d of %d bytes kept", self.label, self.written.total, self.size)
@@ -951,7 +953,11 @@ class _BlobDownload:
                 # The first response tells whether ranges work before more connections open.
                 while self.ranges_ok is None and not self.stop.is_set() and workers[0].is_alive():
                     self.lock.wait(0.1)
-                extra = min(self.client.connections, len(self.queue) + 1) - 1
+                # In parallel mode idle workers split running ranges, so all of them help.
+                tasks = len(self.queue) + 1
+                extra = (
+                    self.client.connections if parallel else min(self.client.connections, tasks)
+                ) - 1
             if self.ranges_ok:
                 workers += [self._spawn(self._worker, f"w{i + 1}") for i in range(extra)]
             for worker in workers:
@@ -1058,7 +1064,7 @@ class _BlobDownload:
         self.journaled = snapshot.total
 
     def _journal_loop(self) -> None:
-        while not self.helpers_done.wait(_JOURNAL_INTERVAL):
+        while not self.helpers_done.wait(_SYNC_INTERVAL):
             self._flush_journal()
 
     def _commit(self) -> None:
@@ -1216,7 +1222,7 @@ class _BlobDownload:
             if self.stop.is_set():
                 return None
             if self.queue:
-                task = self.queue.popleft()
+                task = self._cut()
             elif self.ranges_ok and self.active:
                 # Nothing queued: take the second half of the largest range still running.
                 victim = max(self.active, key=lambda t: t.end - t.pos)
@@ -1229,6 +1235,28 @@ class _BlobDownload:
                 return None
             self.active.append(task)
             return task
+
+    def _cut(self) -> _Task:
+        """The next piece of the first gap. Guided sizes: `chunk_size` while much is left,
+        shrinking towards the end, so the last ranges finish together (short tail) and
+        little is completed ahead of the hash frontier when the last byte arrives."""
+        gap = self.queue[0]
+        start, end = gap
+        piece = end - start
+        if self.parallel:
+            floor = max(_STEAL_MIN, self.client.chunk_size // 8)
+            guided = self.unassigned // (2 * self.client.connections)
+            piece = min(self.client.chunk_size, max(floor, guided))
+            piece += -piece % _STEAL_ALIGN
+            if end - start < piece * 3 // 2:
+                piece = end - start  # no sliver left behind
+        stop = start + piece
+        if stop >= end:
+            self.queue.popleft()
+        else:
+            gap[0] = stop
+        self.unassigned -= stop - start
+        return _Task(start, stop)
 
     def _fetch(self, task: _Task, conn: _Connection) -> None:
         failures = 0
@@ -1268,9 +1296,11 @@ class _BlobDownload:
             if failures > self.client.retries:
                 self._fail(error)
                 return
-            if task.abort_reason != "stall":
-                delay = self.client.backoff(failures - 1, retry_after)
-                log.info("%s; retrying in %.1fs", error, delay)
+            # A connection that made progress, or stalled, is simply replaced; repeated
+            # failures without progress back off.
+            delay = self.client.backoff(failures - 1, retry_after) if failures else 0.0
+            log.info("%s; retrying in %.1fs", error, delay)
+            if delay and task.abort_reason != "stall":
                 self.stop.wait(delay)
 
     def _note_rate(self, task: _Task, start: int) -> None:
@@ -1304,6 +1334,7 @@ class _BlobDownload:
             status = response.status
             if status in _REDIRECTS:
                 location = response.header("location")
+                response.error_body()  # drain it so the connection can be reused
                 conn.release()
                 if not location or hops >= _MAX_REDIRECTS:
                     raise RegistryError(f"downloading {self.label}: too many or broken redirects")
@@ -1315,7 +1346,7 @@ class _BlobDownload:
                 conn.release()
                 new = self.client._auth.on_unauthorized(self.ref, False, challenge, sent)
                 if new is None or new == sent:
-                    raise status_error(401, b"", self.ref, f"downloading {self.label}")
+                    raise _status_error(401, b"", self.ref, f"downloading {self.label}")
                 auth_retried = True
                 continue
             if status in (401, 403, 404, 410) and not on_registry and url == self.resolved_url:
@@ -1331,7 +1362,7 @@ class _BlobDownload:
             else:
                 body = response.error_body()
                 conn.release()
-                error = status_error(
+                error = _status_error(
                     status,
                     body,
                     self.ref,
@@ -1377,6 +1408,7 @@ class _BlobDownload:
                 log.info("%s: the registry ignores Range; using one stream", self.label)
             self.ranges_ok = False
             self.queue.clear()
+            self.unassigned = 0
             task.pos, task.end, task.response_end = 0, self.size, self.size
             self.lock.notify_all()
 

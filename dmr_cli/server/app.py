@@ -15,8 +15,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dmr_cli import __version__, config
-from dmr_cli.server import models
-from dmr_cli.server.http import text_error
+from dmr_cli.server import engines, models
+from dmr_cli.server.configs import ConfigStore
+from dmr_cli.server.http import handle_errors, text_error
+from dmr_cli.server.scheduler import Scheduler
 from dmr_cli.server.state import State
 from dmr_cli.store import Store
 
@@ -45,16 +47,21 @@ ANY = ["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"]
 
 
 def create_app(store: Store) -> Starlette:
-    e = models.handle_errors
+    e = handle_errors
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(store.ensure_layout)
+        scheduler = Scheduler(store, await asyncio.to_thread(ConfigStore, store.root))
+        state = State(store=store, scheduler=scheduler)
+        app.state.dmr = state
+        scheduler.detection = await asyncio.to_thread(state.detection)
         sweeper = asyncio.create_task(_sweep_partials(store))
         try:
             yield
         finally:
             sweeper.cancel()
+            await scheduler.shutdown()
 
     routes = [
         Route("/", root, methods=["GET"]),
@@ -67,13 +74,26 @@ def create_app(store: Store) -> Starlette:
         Route("/models/{rest:path}", e(models.model_route), methods=["GET", "POST", "DELETE"]),
         Route("/models/{rest:path}", not_found, methods=ANY),
         Route("/engines/df", e(models.disk_usage), methods=["GET"]),
-        Route("/engines/{rest:path}", not_found, methods=ANY),
+        Route("/engines/status", e(engines.status), methods=["GET"]),
+        Route("/engines/runtime", e(engines.runtime), methods=["GET"]),
+        Route("/engines/ps", e(engines.ps), methods=["GET"]),
+        Route("/engines/unload", e(engines.unload), methods=["POST"]),
+        Route("/engines/_configure", e(engines.configure), methods=["POST"]),
+        Route("/engines/_configure", e(engines.list_configs), methods=["GET"]),
+        Route("/engines/{backend}/_configure", e(engines.configure), methods=["POST"]),
+        Route("/engines/{rest:path}", e(engines.inference), methods=ANY),
+        Route("/v1/{rest:path}", e(alias), methods=ANY),
+        Route("/rerank", e(alias), methods=ANY),
+        Route("/score", e(alias), methods=ANY),
     ]
-    app = Starlette(
-        routes=routes, lifespan=lifespan, exception_handlers={404: page_not_found}
-    )
-    app.state.dmr = State(store=store)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: page_not_found})
     return app
+
+
+async def alias(request: Request) -> Response:
+    """`/v1/*`, `/rerank` and `/score` are `/engines/...` (spec §2.1)."""
+    request.scope["path_params"] = {"rest": request.url.path.lstrip("/")}
+    return await engines.inference(request)
 
 
 async def _sweep_partials(store: Store) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from dmr_cli.errors import BadRequest, DmrError
 
 BODY_LIMIT = 10 * 1024 * 1024
+log = logging.getLogger("dmr")
 
 
 def text_error(status: int, message: str) -> Response:
@@ -137,3 +139,21 @@ async def progress_stream(
         media_type="application/json" if raw_json else "text/plain",
         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
     )
+
+
+def handle_errors(
+    handler: Callable[[Request], Any],
+) -> Callable[[Request], Any]:
+    """The daemon's error boundary: DmrError → DMR's plain-text error with its status."""
+
+    async def wrapped(request: Request) -> Response:
+        try:
+            response: Response = await handler(request)
+            return response
+        except DmrError as exc:
+            return error_response(exc)
+        except Exception as exc:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return text_error(500, f"internal error: {exc}")
+
+    return wrapped

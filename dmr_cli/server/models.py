@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,10 +12,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from dmr_cli import config
-from dmr_cli.errors import BadRequest, DmrError, InvalidReference
+from dmr_cli.errors import BadRequest, InvalidReference
 from dmr_cli.reference import normalize_model_name, parse_reference
 from dmr_cli.server.http import (
-    error_response,
     json_response,
     progress_stream,
     query_bool,
@@ -26,7 +24,6 @@ from dmr_cli.server.http import (
 from dmr_cli.server.state import State
 
 POST_ACTIONS = ("tag", "push", "repackage")
-log = logging.getLogger("dmr")
 
 
 async def list_models(request: Request) -> Response:
@@ -302,21 +299,3 @@ class AsyncBodyReader:
         out = bytes(self._buffer[:size])
         del self._buffer[:size]
         return out
-
-
-def handle_errors(
-    handler: Callable[[Request], Any],
-) -> Callable[[Request], Any]:
-    """The daemon's error boundary: DmrError → DMR's plain-text error with its status."""
-
-    async def wrapped(request: Request) -> Response:
-        try:
-            response: Response = await handler(request)
-            return response
-        except DmrError as exc:
-            return error_response(exc)
-        except Exception as exc:
-            log.exception("%s %s failed", request.method, request.url.path)
-            return text_error(500, f"internal error: {exc}")
-
-    return wrapped

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
+from typing import Any
 
+from dmr_cli.server.scheduler import Scheduler
 from dmr_cli.store import Store
 
 MAX_CONCURRENT_PULLS = 2
@@ -13,6 +16,17 @@ MAX_CONCURRENT_PULLS = 2
 @dataclass
 class State:
     store: Store
+    scheduler: Scheduler
     pull_slots: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_PULLS)
     )
+
+    @functools.cached_property
+    def _detection(self) -> Any:
+        from dmr_cli.runtime.detect import detect
+
+        return detect()
+
+    def detection(self) -> Any:
+        """The accelerator, detected once (DMR_GPU overrides); blocking: call in a thread."""
+        return self._detection

@@ -1,4 +1,8 @@
-"""A TCP relay that counts the bytes it forwards: measures what really crossed the wire."""
+"""A TCP relay that counts the bytes it forwards and can play a slow link.
+
+It measures what really crossed the wire (resume tests) and caps throughput in total or per
+connection, the way a CDN or a busy registry limits each stream (pull benchmarks).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,40 @@ import threading
 import time
 
 
-class CountingProxy:
-    def __init__(self, target_host: str, target_port: int, rate: float | None = None) -> None:
-        """`rate` caps the total server → client bytes per second (a slow link)."""
-        self.target = (target_host, target_port)
+class Pacer:
+    """Sleeps just enough to keep the bytes it is told about under `rate` per second."""
+
+    def __init__(self, rate: float | None) -> None:
         self.rate = rate
         self._started: float | None = None  # pacing starts with the first byte
+        self._sent = 0
+        self._lock = threading.Lock()
+
+    def account(self, n: int) -> None:
+        if not self.rate:
+            return
+        with self._lock:
+            if self._started is None:
+                self._started = time.monotonic()
+            self._sent += n
+            ahead = self._sent / self.rate - (time.monotonic() - self._started)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+class CountingProxy:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        rate: float | None = None,
+        connection_rate: float | None = None,
+    ) -> None:
+        """`rate` caps all server → client bytes per second, `connection_rate` each stream."""
+        self.target = (target_host, target_port)
+        self._total = Pacer(rate)
+        self._connection_rate = connection_rate
+        self._slow = bool(rate or connection_rate)
         self.downstream_bytes = 0  # server → client
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
@@ -32,25 +64,20 @@ class CountingProxy:
             except OSError:
                 return
             upstream = socket.create_connection(self.target)
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+            pacer = Pacer(self._connection_rate)
+            threading.Thread(target=self._pipe, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, pacer), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, pacer: Pacer | None) -> None:
+        size = 1 << 14 if self._slow else 1 << 16
         try:
-            while data := src.recv(1 << 16 if self.rate is None else 1 << 14):
+            while data := src.recv(size):
                 dst.sendall(data)
-                if count:
+                if pacer is not None:
                     with self._lock:
-                        if self._started is None:
-                            self._started = time.monotonic()
                         self.downstream_bytes += len(data)
-                        ahead = (
-                            self.downstream_bytes / self.rate - (time.monotonic() - self._started)
-                            if self.rate
-                            else 0.0
-                        )
-                    if ahead > 0:
-                        time.sleep(ahead)
+                    self._total.account(len(data))
+                    pacer.account(len(data))
         except OSError:
             pass
         finally:

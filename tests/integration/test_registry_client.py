@@ -4,6 +4,7 @@ faults a real registry does not produce on its own: 503s, stalls, trickles, igno
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import http.client
 import http.server
@@ -797,6 +798,37 @@ def test_not_enough_disk_space(
     with pytest.raises(DiskFull, match=r"2\.0 MiB more needed"):
         download.run(make_client(), ref_at(registry.host, "ai/full"))
     assert download.incomplete.read_bytes() == data[:MiB]  # kept for when there is room
+
+
+def test_disk_full_mid_download_keeps_the_bytes(
+    registry: RunningRegistry, pusher: Pusher, tmp_path: Path, make_client, monkeypatch
+):
+    """ENOSPC while writing: DiskFull, and what was written stays for the next attempt.
+    (A full filesystem cannot be made here without root, so os.pwrite fails on cue.)"""
+    data = os.urandom(12 * MiB)
+    pusher.model("ai/full", "latest", [data])
+    download = download_of(tmp_path, data)
+    real_pwrite = os.pwrite
+    budget = [5 * MiB]
+
+    def pwrite(fd: int, buffer: bytes, offset: int) -> int:
+        if budget[0] <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        budget[0] -= len(buffer)
+        return real_pwrite(fd, buffer, offset)
+
+    monkeypatch.setattr(registry_module.os, "pwrite", pwrite)
+    client = make_client(chunk_size=2 * MiB, connections=4)
+    with pytest.raises(DiskFull, match="no space left"):
+        download.run(client, ref_at(registry.host, "ai/full"))
+    monkeypatch.undo()
+    kept = download.kept()
+    assert kept >= 4 * MiB
+    assert not download.final.exists()
+
+    received = download.run(client, ref_at(registry.host, "ai/full"))
+    assert download.final.read_bytes() == data
+    assert received <= len(data) - kept + 2 * MiB
 
 
 # -- a registry with token (bearer) authentication ----------------------------------------

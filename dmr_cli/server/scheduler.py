@@ -1,0 +1,440 @@
+"""The scheduler: which runners are loaded, who is using them, and when they go (spec §7.1).
+
+A runner is keyed by (backend, model ID, draft model ID, mode). Concurrent requests for one
+key share a runner by reference count; an idle runner expires after its keep_alive; when
+the slots are full, or memory is short, idle runners are evicted least-recently-used first
+and only as many as needed. Memory admission (absent from DMR) refuses a model that would
+not fit instead of letting the machine swap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dmr_cli import config as settings
+from dmr_cli.errors import Conflict, DmrError, ModelNotFound
+from dmr_cli.runtime import memory
+from dmr_cli.runtime.config import RunnerConfig
+from dmr_cli.runtime.flags import format_keep_alive
+from dmr_cli.runtime.process import EngineLog, RunnerProcess, wait_healthy
+from dmr_cli.server.configs import ConfigKey, ConfigStore
+from dmr_cli.store import Model, Store
+
+log = logging.getLogger("dmr")
+
+DEFAULT_BACKEND = "llama.cpp"
+BACKENDS = ("llama.cpp", "vllm", "mlx", "sglang", "diffusers")
+DEFAULT_KEEP_ALIVE = 300.0
+READY_TIMEOUT = 300.0
+EVICTION_GRACE = 5.0
+
+
+@dataclass(frozen=True)
+class RunnerKey:
+    backend: str
+    model_id: str
+    draft_id: str | None
+    mode: str
+
+
+@dataclass(eq=False)
+class Runner:
+    key: RunnerKey
+    model_ref: str
+    socket: Path
+    keep_alive: float  # seconds; 0 = unload after each request; negative = never
+    memory: int
+    embedded: bool
+    process: RunnerProcess | None = None
+    refcount: int = 0
+    loading: bool = True
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    error: DmrError | None = None
+    last_used: float = field(default_factory=time.time)  # wall clock, for ps / expires_at
+    expiry: asyncio.TimerHandle | None = None
+    # The embedded engine cannot batch: its requests take turns instead of cutting each other off.
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    stopping: bool = False
+
+    @property
+    def idle(self) -> bool:
+        return self.refcount == 0 and not self.loading
+
+    def ps(self) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "backend_name": self.key.backend,
+            "model_name": self.model_ref,
+            "mode": self.key.mode,
+            "last_used": (
+                "0001-01-01T00:00:00Z"
+                if self.refcount or self.loading
+                else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_used))
+            ),
+        }
+        if self.refcount:
+            item["in_use"] = True
+        if self.loading:
+            item["loading"] = True
+        item["keep_alive"] = format_keep_alive(self.keep_alive)
+        return item
+
+    @property
+    def expires_at(self) -> float | None:
+        if self.refcount or self.loading or self.keep_alive < 0:
+            return None
+        return self.last_used + self.keep_alive
+
+
+class Scheduler:
+    def __init__(
+        self,
+        store: Store,
+        configs: ConfigStore,
+        *,
+        slots: int | None = None,
+        engine_log: EngineLog | None = None,
+        memory_probe: Callable[[], int] | None = None,
+    ) -> None:
+        self.store = store
+        self.configs = configs
+        self.slots = slots or int(settings.env("DMR_SLOTS") or 0) or min(os.cpu_count() or 1, 8)
+        self.runners: dict[RunnerKey, Runner] = {}
+        self._changed = asyncio.Condition()
+        self._socket_dir = Path(tempfile.mkdtemp(prefix="dmr-runners-"))
+        self._socket_seq = 0
+        self._engine_log = engine_log or EngineLog(
+            settings.log_dir() / "inference-llama.cpp-server.log"
+        )
+        self._memory_probe = memory_probe
+        self._watchers: set[asyncio.Task[None]] = set()
+        self._terminations: set[asyncio.Future[int]] = set()
+        self.detection: Any = None
+
+    # -- public API -----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lease(
+        self, model_ref: str, mode: str, backend: str = DEFAULT_BACKEND
+    ) -> AsyncIterator[Runner]:
+        runner = await self.acquire(model_ref, mode, backend)
+        try:
+            yield runner
+        finally:
+            self.release(runner)
+
+    async def acquire(self, model_ref: str, mode: str, backend: str = DEFAULT_BACKEND) -> Runner:
+        model = await asyncio.to_thread(self.store.get, model_ref)
+        config = self.configs.lookup(backend, model.id, mode) or RunnerConfig()
+        draft = await self._draft_model(config)
+        key = RunnerKey(backend, model.id, draft.id if draft else None, mode)
+        while True:
+            runner = self.runners.get(key)
+            if runner is not None and not runner.stopping:
+                runner.refcount += 1
+                if runner.expiry:
+                    runner.expiry.cancel()
+                    runner.expiry = None
+                try:
+                    await runner.ready.wait()
+                except BaseException:
+                    self.release(runner)
+                    raise
+                if runner.error is not None:
+                    runner.refcount -= 1
+                    raise runner.error
+                return runner
+            async with self._changed:
+                if len(self.runners) < self.slots or self._evict_lru(1):
+                    break
+                await self._changed.wait()  # cancellable: a client that gives up stops waiting
+        return await self._load(key, model, model_ref, config, draft)
+
+    def release(self, runner: Runner) -> None:
+        runner.refcount -= 1
+        runner.last_used = time.time()
+        if runner.refcount > 0 or runner.stopping:
+            return
+        if runner.keep_alive == 0:
+            self._evict(runner)
+        elif runner.keep_alive > 0:
+            loop = asyncio.get_running_loop()
+            runner.expiry = loop.call_later(runner.keep_alive, self._expire, runner)
+        self._notify()
+
+    def ps(self) -> list[dict[str, Any]]:
+        return [r.ps() for r in self.runners.values()]
+
+    async def unload(self, models: list[str], backend: str = "", unload_all: bool = False) -> int:
+        """POST /engines/unload: only idle runners go; in-use runners are never killed."""
+        if unload_all:
+            self.configs.remove(None)
+            doomed = [r for r in self.runners.values() if r.idle]
+        else:
+            doomed = []
+            for ref in models:
+                model = await asyncio.to_thread(self.store.find, ref)
+                model_id = model.id if model else ref
+                self.configs.remove(backend, model_id) if backend else None
+                doomed += [
+                    r
+                    for r in self.runners.values()
+                    if r.key.model_id == model_id
+                    and r.idle
+                    and (not backend or r.key.backend == backend)
+                ]
+        for runner in doomed:
+            self._evict(runner)
+        return len(doomed)
+
+    async def configure(
+        self, backend: str, model_ref: str, mode: str, config: RunnerConfig
+    ) -> None:
+        model = await asyncio.to_thread(self.store.find, model_ref)
+        model_id = model.id if model else model_ref
+        key = ConfigKey(backend, model_id, mode)
+        if not self.configs.set(key, model_ref, config):
+            return
+        for runner in [r for r in self.runners.values() if r.key.model_id == model_id]:
+            if runner.key.backend == backend and runner.key.mode == mode:
+                if not runner.idle:
+                    raise Conflict("runner already active")
+                self._evict(runner)
+
+    async def shutdown(self) -> None:
+        for runner in list(self.runners.values()):
+            self._evict(runner)
+        await asyncio.gather(*self._terminations, *self._watchers, return_exceptions=True)
+        shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    # -- loading --------------------------------------------------------------------------
+
+    async def _draft_model(self, config: RunnerConfig) -> Model | None:
+        if config.speculative is None or not config.speculative.draft_model:
+            return None
+        try:
+            return await asyncio.to_thread(self.store.get, config.speculative.draft_model)
+        except ModelNotFound as exc:
+            raise DmrError(f"unable to load runner: draft model: {exc.message}") from exc
+
+    def _context_size(self, model: Model, config: RunnerConfig) -> int:
+        for value in (config.context_size, model.config.get("context_size")):
+            if isinstance(value, int) and value > 0:
+                return value
+        arch = model.config.get("architecture") or "llama"
+        with contextlib.suppress(ValueError, TypeError):
+            return int((model.config.get("gguf") or {}).get(f"{arch}.context_length", 0))
+        return 0
+
+    async def _admit(self, model: Model, context_size: int) -> int:
+        """Evict idle runners LRU-first until the model fits; refuse when it cannot."""
+        need = memory.estimate(model.config.get("gguf") or {}, model.size, context_size)
+        while True:
+            available = await asyncio.to_thread(self._available_memory)
+            if need.total <= available:
+                return need.total
+            if not self._evict_lru(1):
+                raise DmrError(
+                    f"unable to load runner: not enough memory for {model_name(model)}: "
+                    f"it needs {need.describe()}, {memory.gib(available)} is available",
+                    hint="use a smaller context, e.g. dmr configure --context-size 4096 MODEL, "
+                    "or unload other models with dmr unload",
+                )
+            await asyncio.sleep(0.2)  # let the evicted runner's memory return to the system
+
+    def _available_memory(self) -> int:
+        if self._memory_probe is not None:
+            return self._memory_probe()
+        from dmr_cli.runtime.detect import free_memory
+
+        ram, vram = free_memory(self.detection)
+        return vram if vram is not None else ram
+
+    async def _load(
+        self,
+        key: RunnerKey,
+        model: Model,
+        model_ref: str,
+        config: RunnerConfig,
+        draft: Model | None,
+    ) -> Runner:
+        from dmr_cli.runtime import install
+
+        keep_alive = config.keep_alive if config.keep_alive is not None else DEFAULT_KEEP_ALIVE
+        self._socket_seq += 1
+        runner = Runner(
+            key=key,
+            model_ref=model_ref,
+            socket=self._socket_dir / f"runner-{self._socket_seq}.sock",
+            keep_alive=keep_alive,
+            memory=0,
+            embedded=False,
+            refcount=1,
+        )
+        self.runners[key] = runner
+        started = time.monotonic()
+        try:
+            context_size = self._context_size(model, config)
+            runner.memory = await self._admit(model, context_size)
+            if self.detection is None:
+                from dmr_cli.runtime.detect import detect
+
+                self.detection = await asyncio.to_thread(detect)
+            binary = await asyncio.to_thread(install.discover, self.detection)
+            runner.embedded = binary.kind == "embedded"
+            argv, env = await asyncio.to_thread(
+                self._command, binary, model, draft, key.mode, config, runner.socket
+            )
+            runner.process = RunnerProcess.spawn(
+                argv, env=env, log=self._engine_log, name=f"{binary.variant} runner for {model_ref}"
+            )
+            self._watch(runner)
+            await wait_healthy(runner.process, runner.socket, READY_TIMEOUT)
+        except BaseException as exc:
+            error = exc if isinstance(exc, DmrError) else self._load_error(runner, exc)
+            runner.error = error
+            runner.ready.set()
+            self._evict(runner)
+            runner.refcount = 0
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise error from exc
+        runner.loading = False
+        runner.ready.set()
+        log.info("loaded %s (%s) in %.2f s", model_ref, key.mode, time.monotonic() - started)
+        return runner
+
+    def _load_error(self, runner: Runner, exc: BaseException) -> DmrError:
+        from dmr_cli.runtime.llamacpp import friendly_error
+
+        detail = str(exc)
+        if runner.process is not None and runner.process.poll() is not None:
+            detail = friendly_error(runner.process.output_tail()) or detail
+        return DmrError(f"unable to load runner: {detail}")
+
+    def _command(
+        self,
+        binary: Any,
+        model: Model,
+        draft: Model | None,
+        mode: str,
+        config: RunnerConfig,
+        socket: Path,
+    ) -> tuple[list[str], dict[str, str]]:
+        from dmr_cli.runtime import llamacpp
+
+        bundle = self.store.bundle(model.id)
+        files = bundle_files(bundle)
+        draft_path = bundle_files(self.store.bundle(draft.id))["model"] if draft else None
+        env = dict(os.environ)
+        if binary.kind == "embedded":
+            argv = llamacpp.embedded_args(
+                model_path=files["model"],
+                socket=socket,
+                mode=mode,
+                config=config,
+                model_context_size=model.config.get("context_size"),
+                chat_template=files.get("template"),
+            )
+            return argv, env
+        if binary.lib_dir is not None:
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(
+                p for p in (str(binary.lib_dir), env.get("LD_LIBRARY_PATH", "")) if p
+            )
+        base = settings.env("LLAMA_ARGS")
+        args = llamacpp.build_args(
+            model_path=files["model"],
+            mode=mode,
+            config=config,
+            model_context_size=model.config.get("context_size"),
+            socket=str(socket),
+            chat_template=files.get("template"),
+            mmproj=files.get("mmproj"),
+            draft_model=draft_path,
+            supported=llamacpp.flag_support(binary.path, env=env),
+            accelerator=getattr(self.detection, "accelerator", "cpu"),
+            base_args=llamacpp.split_llama_args(base) if base else None,
+        )
+        return [str(binary.path), *args], env
+
+    # -- eviction -------------------------------------------------------------------------
+
+    def _watch(self, runner: Runner) -> None:
+        """A runner that dies is evicted at once; its in-flight requests see their connection
+        drop and answer 5xx, and the next request starts a fresh runner."""
+        process = runner.process
+        assert process is not None
+
+        async def watch() -> None:
+            code = await asyncio.to_thread(process.popen.wait)
+            if not runner.stopping:
+                log.warning("runner for %s exited unexpectedly (status %s)", runner.model_ref, code)
+                self._forget(runner)
+
+        task = asyncio.get_running_loop().create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    def _expire(self, runner: Runner) -> None:
+        runner.expiry = None
+        if runner.idle and self.runners.get(runner.key) is runner:
+            self._evict(runner)
+
+    def _evict_lru(self, count: int) -> bool:
+        idle = sorted((r for r in self.runners.values() if r.idle), key=lambda r: r.last_used)
+        for runner in idle[:count]:
+            self._evict(runner)
+        return bool(idle)
+
+    def _forget(self, runner: Runner) -> None:
+        runner.stopping = True
+        if runner.expiry:
+            runner.expiry.cancel()
+        if self.runners.get(runner.key) is runner:
+            del self.runners[runner.key]
+        self._notify()
+
+    def _evict(self, runner: Runner) -> None:
+        self._forget(runner)
+        if runner.process is not None:
+            process = runner.process
+            done = asyncio.get_running_loop().run_in_executor(
+                None, process.terminate, EVICTION_GRACE
+            )
+            self._terminations.add(done)
+            done.add_done_callback(self._terminations.discard)
+        with contextlib.suppress(FileNotFoundError):
+            runner.socket.unlink()
+
+    def _notify(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+
+def model_name(model: Model) -> str:
+    return model.tags[0] if model.tags else model.id
+
+
+def bundle_files(bundle: Path) -> dict[str, Path]:
+    """The files a runner is started with, found in a model bundle (spec §4.3, §5)."""
+    model_dir = bundle / "model"
+    ggufs = sorted(model_dir.glob("*.gguf"))
+    if not ggufs:
+        raise DmrError(f"unable to load runner: the model bundle {bundle} has no GGUF file")
+    files = {"model": ggufs[0]}
+    for name, filename in (("template", "template.jinja"), ("mmproj", "model.mmproj")):
+        if (model_dir / filename).exists():
+            files[name] = model_dir / filename
+    return files
