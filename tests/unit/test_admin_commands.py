@@ -188,6 +188,20 @@ def test_runner_queries_never_start_a_daemon(
     assert default_address == []
 
 
+@pytest.mark.parametrize("args", [["status", "--json"], ["status"], ["ps"]])
+def test_the_fast_path_imports_no_heavy_module(running: StubDaemon, args: list[str]) -> None:
+    running.routes[("GET", "/engines/ps")] = Reply(body=[])
+    code = (
+        f"import sys; from dmr_cli.cli import main; main({args!r}); "
+        "heavy = {'typer', 'click', 'rich', 'httpx', 'pydantic', 'platformdirs', 'starlette', "
+        "'gguf', 'numpy', 'psutil'}; print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=os.environ, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 # -- ps -----------------------------------------------------------------------------------
 
 
