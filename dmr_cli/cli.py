@@ -134,6 +134,7 @@ def build_app() -> typer.Typer:
         configure,
         df,
         inspect,
+        install_runner,
         logs,
         ls,
         package,
@@ -183,20 +184,9 @@ def build_app() -> typer.Typer:
     app.command("start-runner")(runner_daemon.start_runner)
     app.command("stop-runner")(runner_daemon.stop_runner)
     app.command("restart-runner")(runner_daemon.restart_runner)
-    _add_runner_installation(app)
-    return app
-
-
-def _add_runner_installation(app: typer.Typer) -> None:
-    # Guarded while commands/install_runner.py is being written alongside this file.
-    from importlib.util import find_spec
-
-    if find_spec("dmr_cli.commands.install_runner") is None:
-        return
-    from dmr_cli.commands import install_runner
-
     app.command("install-runner")(install_runner.install_runner)
     app.command("uninstall-runner")(install_runner.uninstall_runner)
+    return app
 
 
 def main(argv: Sequence[str] | None = None) -> None:

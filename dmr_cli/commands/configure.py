@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from dmr_cli import client, render
 from dmr_cli.commands._params import Argument, Option, usage_error
+from dmr_cli.runtime.config import MODES
 
 if TYPE_CHECKING:
     import typer.core
 
-MODES = ("completion", "embedding", "reranking", "image-generation")
 # Stands for the `--` the user typed: click drops it, and what follows it are llama.cpp
 # flags, not more arguments (see `command_class`).
 DASH = "--"

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from dmr_cli import __version__, config
-from dmr_cli.server import engines, models
+from dmr_cli.server import engines, logs, models
 from dmr_cli.server.configs import ConfigStore
 from dmr_cli.server.http import handle_errors, text_error
 from dmr_cli.server.scheduler import Scheduler
@@ -66,6 +66,7 @@ def create_app(store: Store) -> Starlette:
     routes = [
         Route("/", root, methods=["GET"]),
         Route("/version", version, methods=["GET"]),
+        Route("/logs", logs.logs, methods=["GET"]),
         Route("/models", e(models.list_models), methods=["GET"]),
         Route("/models/", e(models.list_models), methods=["GET"]),
         Route("/models/create", e(models.create_model), methods=["POST"]),

@@ -67,8 +67,7 @@ async def inference(request: Request) -> Response:
         return text_error(400, "model is required")
     mode = MODES[upstream_path]
     scheduler = state.scheduler
-    await asyncio.to_thread(scheduler.store.get, model)
-    runner = await scheduler.acquire(model, mode, backend)
+    runner = await scheduler.acquire(model, mode, backend, scheduler.store.get(model))
     if request.headers.get("x-preload-only", "").lower() == "true":
         scheduler.release(runner)
         return Response(status_code=200)

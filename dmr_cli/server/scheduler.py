@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from dmr_cli.runtime.config import RunnerConfig
 from dmr_cli.runtime.flags import format_keep_alive
 from dmr_cli.runtime.process import EngineLog, RunnerProcess, wait_healthy
 from dmr_cli.server.configs import ConfigKey, ConfigStore
+from dmr_cli.server.logs import ENGINE_LOG
 from dmr_cli.store import Model, Store
 
 log = logging.getLogger("dmr")
@@ -112,9 +113,7 @@ class Scheduler:
         self._changed = asyncio.Condition()
         self._socket_dir = Path(tempfile.mkdtemp(prefix="dmr-runners-"))
         self._socket_seq = 0
-        self._engine_log = engine_log or EngineLog(
-            settings.log_dir() / "inference-llama.cpp-server.log"
-        )
+        self._engine_log = engine_log or EngineLog(settings.log_dir() / ENGINE_LOG)
         self._memory_probe = memory_probe
         self._watchers: set[asyncio.Task[None]] = set()
         self._terminations: set[asyncio.Future[int]] = set()
@@ -122,18 +121,11 @@ class Scheduler:
 
     # -- public API -----------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def lease(
-        self, model_ref: str, mode: str, backend: str = DEFAULT_BACKEND
-    ) -> AsyncIterator[Runner]:
-        runner = await self.acquire(model_ref, mode, backend)
-        try:
-            yield runner
-        finally:
-            self.release(runner)
-
-    async def acquire(self, model_ref: str, mode: str, backend: str = DEFAULT_BACKEND) -> Runner:
-        model = await asyncio.to_thread(self.store.get, model_ref)
+    async def acquire(
+        self, model_ref: str, mode: str, backend: str = DEFAULT_BACKEND, model: Model | None = None
+    ) -> Runner:
+        if model is None:
+            model = self.store.get(model_ref)  # cached index: no I/O on the hot path
         config = self.configs.lookup(backend, model.id, mode) or RunnerConfig()
         draft = await self._draft_model(config)
         key = RunnerKey(backend, model.id, draft.id if draft else None, mode)
@@ -222,7 +214,7 @@ class Scheduler:
         if config.speculative is None or not config.speculative.draft_model:
             return None
         try:
-            return await asyncio.to_thread(self.store.get, config.speculative.draft_model)
+            return self.store.get(config.speculative.draft_model)
         except ModelNotFound as exc:
             raise DmrError(f"unable to load runner: draft model: {exc.message}") from exc
 

@@ -63,6 +63,8 @@ class Store:
         self._pins: Counter[str] = Counter()
         self._pins_lock = threading.Lock()
         self._blob_locks: dict[str, threading.Lock] = {}
+        self._index_cache: tuple[tuple[int, int, int], list[IndexEntry]] | None = None
+        self._content_cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -150,31 +152,46 @@ class Store:
     # -- index ----------------------------------------------------------------------------
 
     def _read_index(self) -> list[IndexEntry]:
+        """The index, parsed once per version of the file (every request resolves a model,
+        so this is on the inference hot path). Callers get copies they may modify."""
+        path = self.root / "models.json"
         try:
-            data = (self.root / "models.json").read_bytes()
+            st = path.stat()
         except FileNotFoundError:
             return []
-        try:
-            return [IndexEntry.from_json(m) for m in (load_json(data).get("models") or [])]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise StoreError(
-                f"the model index {self.root / 'models.json'} is corrupt: {exc}",
-                hint="restore it from a backup or run `dmr purge` to start over",
-            ) from exc
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._index_cache is None or self._index_cache[0] != version:
+            try:
+                entries = [
+                    IndexEntry.from_json(m)
+                    for m in (load_json(path.read_bytes()).get("models") or [])
+                ]
+            except FileNotFoundError:
+                return []
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(
+                    f"the model index {path} is corrupt: {exc}",
+                    hint="restore it from a backup or run `dmr purge` to start over",
+                ) from exc
+            self._index_cache = (version, entries)
+        return [IndexEntry(e.id, list(e.tags), list(e.files)) for e in self._index_cache[1]]
 
     def _write_index(self, entries: Sequence[IndexEntry]) -> None:
         atomic_write(self.root / "models.json", _dumps({"models": [e.to_json() for e in entries]}))
 
     def _load(self, entry: IndexEntry) -> Model:
-        manifest = load_json(self.manifest_bytes(entry.id))
-        config_digest = manifest["config"]["digest"]
-        raw_config = load_json(self.blob_path(config_digest).read_bytes())
+        # Manifests and configs are content-addressed, so what was read once stays true.
+        cached = self._content_cache.get(entry.id)
+        if cached is None:
+            manifest = load_json(self.manifest_bytes(entry.id))
+            raw_config = load_json(self.blob_path(manifest["config"]["digest"]).read_bytes())
+            cached = self._content_cache[entry.id] = (manifest, raw_config)
         return Model(
             id=entry.id,
             tags=list(entry.tags),
             files=list(entry.files),
-            manifest=manifest,
-            raw_config=raw_config,
+            manifest=cached[0],
+            raw_config=cached[1],
         )
 
     def manifest_bytes(self, model_id: str) -> bytes:

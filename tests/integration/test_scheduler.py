@@ -169,7 +169,11 @@ def test_runner_killed_mid_request_fails_fast_and_recovers(
         target=lambda: responses.append(chat(http, "ai/slow", max_tokens=3000, logit_bias=NO_STOP))
     )
     request.start()
-    wait_for(lambda: any(e.get("in_use") for e in http.get("/engines/ps").json()))
+    wait_for(
+        lambda: any(
+            e.get("in_use") and not e.get("loading") for e in http.get("/engines/ps").json()
+        )
+    )
     (runner,) = runner_processes(daemon)
     time.sleep(0.3)  # well into generation
     runner.send_signal(signal.SIGKILL)
