@@ -17,7 +17,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TypeVar
@@ -632,3 +632,151 @@ def _piped(write: Callable[[BinaryIO], None]) -> Iterator[bytes]:
     thread.join()
     if failure:
         raise failure[0]
+
+
+# -- inference: dmr run, dmr bench --------------------------------------------------------
+
+CHAT_PATH = "/engines/v1/chat/completions"
+
+
+def _inference_error(status: int, text: str) -> DmrError:
+    """The error for a failed inference request. Runners answer OpenAI JSON
+    (`{"error": {"message": ...}}`), the daemon plain text or `{"message": ...}`: keep just
+    the message."""
+    message = text
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            message = str(error["message"])
+        elif isinstance(error, str) and error:
+            message = error
+        elif body.get("message"):
+            message = str(body["message"])
+    return error_for_status(status, message, CHAT_PATH)
+
+
+def sse_chunk(line: str) -> dict[str, Any] | None:
+    """The JSON chunk in one line of an OpenAI SSE stream; None for blank lines, comments,
+    other fields and `[DONE]`. An error chunk (a runner that failed mid-stream) raises."""
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if not data or data == "[DONE]":
+        return None
+    try:
+        chunk = json.loads(data)
+    except ValueError as e:
+        raise DmrError(f"unexpected data in the response stream: {data[:200]}") from e
+    if not isinstance(chunk, dict):
+        raise DmrError(f"unexpected data in the response stream: {data[:200]}")
+    if "error" in chunk:
+        raise _inference_error(500, data)
+    return chunk
+
+
+def _transport_error(e: Exception, timeout: float) -> DmrError:
+    import httpx
+
+    if isinstance(e, httpx.TimeoutException):
+        return DmrError(f"no answer from the model within {timeout:g} s")
+    if isinstance(e, httpx.ConnectError):
+        return DaemonUnavailable(f"cannot reach the dmr daemon at {endpoint().url}: {e}")
+    return DaemonUnavailable(
+        f"lost the connection to the dmr daemon at {endpoint().url}: {e or type(e).__name__}"
+    )
+
+
+def chat_stream(
+    body: Mapping[str, Any], *, timeout: float = REQUEST_TIMEOUT
+) -> Generator[dict[str, Any], None, None]:
+    """POST a streaming chat completion (`"stream": true` in BODY); yield each chunk as it
+    arrives. TIMEOUT bounds the wait for each piece, model loading included.
+
+    Closing the generator, or Ctrl-C while it waits, closes the connection: the daemon then
+    stops the runner's generation and frees it."""
+    import httpx
+
+    headers = {"Accept": "text/event-stream"}
+    try:
+        with (
+            _http_client() as http,
+            http.stream(
+                "POST",
+                CHAT_PATH,
+                json=dict(body),
+                headers=headers,
+                timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+            ) as resp,
+        ):
+            if resp.status_code != 200:
+                resp.read()
+                raise _inference_error(resp.status_code, resp.text)
+            for line in resp.iter_lines():
+                chunk = sse_chunk(line)
+                if chunk is not None:
+                    yield chunk
+    except httpx.TransportError as e:
+        raise _transport_error(e, timeout) from e
+
+
+def preload(model: str) -> None:
+    """Load MODEL's runner without generating anything (`X-Preload-Only: true`); it stays
+    loaded for its keep_alive."""
+    import httpx
+
+    # max_tokens: a server that ignores the header answers one token, not a whole reply.
+    payload = {"model": model, "messages": [{"role": "user", "content": ""}], "max_tokens": 1}
+    try:
+        with _http_client() as http:
+            resp = http.post(CHAT_PATH, json=payload, headers={"X-Preload-Only": "true"})
+    except httpx.TransportError as e:
+        raise _transport_error(e, REQUEST_TIMEOUT) from e
+    if resp.status_code != 200:
+        raise _inference_error(resp.status_code, resp.text)
+
+
+class AsyncChat:
+    """Concurrent streaming chat completions over one connection pool (`dmr bench`)."""
+
+    def __init__(self, *, timeout: float, connections: int) -> None:
+        import httpx
+
+        ep = endpoint()
+        transport = httpx.AsyncHTTPTransport(uds=ep.socket_path) if ep.socket_path else None
+        base = "http://localhost" if ep.socket_path else f"{ep.scheme}://{ep.netloc}"
+        self.timeout = timeout
+        self._http = httpx.AsyncClient(
+            base_url=base + ep.prefix,
+            transport=transport,
+            headers={"User-Agent": USER_AGENT, "Accept": "text/event-stream"},
+            timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
+            limits=httpx.Limits(max_connections=connections),
+            verify=_ssl_context() if ep.scheme == "https" else True,
+            trust_env=False,
+        )
+
+    async def __aenter__(self) -> AsyncChat:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    async def stream(self, body: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Like `chat_stream`, for asyncio."""
+        import httpx
+
+        try:
+            async with self._http.stream("POST", CHAT_PATH, json=dict(body)) as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    raise _inference_error(resp.status_code, resp.text)
+                async for line in resp.aiter_lines():
+                    chunk = sse_chunk(line)
+                    if chunk is not None:
+                        yield chunk
+        except httpx.TransportError as e:
+            raise _transport_error(e, self.timeout) from e

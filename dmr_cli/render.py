@@ -343,6 +343,17 @@ def write(text: str) -> None:
     sys.stdout.flush()
 
 
+def write_err(text: str) -> None:
+    """Write TEXT to stderr as it is (reasoning streamed beside a piped answer)."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
+
+
+def dim(text: str) -> str:
+    """TEXT in the terminal's faint style (ANSI SGR 2): reasoning, the token-usage line."""
+    return f"\x1b[2m{text}\x1b[0m"
+
+
 # -- progress -----------------------------------------------------------------------------
 
 

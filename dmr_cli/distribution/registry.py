@@ -1,14 +1,14 @@
 """OCI distribution client (DMR spec §6): manifests, blobs, push. Sync and thread-safe.
 
 Blob downloads (`download_blob`) are built for speed and for surviving anything
-(performance.md §2): large blobs are cut into `chunk_size` pieces handed out from one queue to
-`connections` workers, each with its own keep-alive connection, writing with `os.pwrite` at
-the final offsets; a worker left without work splits the largest remaining range (work
-stealing), and a connection that stalls, or crawls far below the best rate near the end, is
-dropped and its remainder re-requested on a fresh one. SHA-256 advances over the contiguous
-prefix while bytes arrive (the worker at the frontier hashes what it just read; ranges finished
-ahead are read back from the page cache when the frontier reaches them), so the digest is
-known as soon as the last byte lands.
+(performance.md §2): large blobs, and the holes a resume fills, are cut into `chunk_size`
+pieces handed out from one queue to `connections` workers, each with its own keep-alive
+connection, writing with `os.pwrite` at the final offsets; a worker left without work splits
+the largest remaining range (work stealing), and a connection that stalls, or crawls far below
+the best rate near the end, is dropped and its remainder re-requested on a fresh one. SHA-256
+advances over the contiguous prefix while bytes arrive (the worker at the frontier hashes what
+it just read; ranges finished ahead are read back from the page cache when the frontier reaches
+them), so the digest is known as soon as the last byte lands.
 
 On-disk state, correct after a SIGKILL at any instant:
 
@@ -351,11 +351,14 @@ class RegistryClient:
 
     # -- manifests --------------------------------------------------------------------------
 
-    def get_manifest(self, ref: Reference) -> tuple[str, bytes, str]:
-        """`(digest, raw bytes, media type)` of a single-manifest artifact; verified by digest."""
-        return self._retrying(lambda: self._get_manifest(ref))
+    def get_manifest(
+        self, ref: Reference, *, accept_index: bool = False
+    ) -> tuple[str, bytes, str]:
+        """`(digest, raw bytes, media type)`, verified by digest. Models are single manifests;
+        `accept_index` also admits an image index (runner images are multi-platform)."""
+        return self._retrying(lambda: self._get_manifest(ref, accept_index))
 
-    def _get_manifest(self, ref: Reference) -> tuple[str, bytes, str]:
+    def _get_manifest(self, ref: Reference, accept_index: bool) -> tuple[str, bytes, str]:
         what = f"fetching manifest of {ref}"
         url = self._url(ref, f"manifests/{ref.reference}")
         response = self._send("GET", ref, url, what=what, headers={"Accept": _ACCEPT})
@@ -370,12 +373,15 @@ class RegistryClient:
             raise RegistryError(f"{what}: the manifest is not valid JSON") from exc
         if media_type not in (*_MANIFEST_TYPES, *_INDEX_TYPES) and isinstance(parsed, dict):
             media_type = str(parsed.get("mediaType") or media_type)
-        if media_type in _INDEX_TYPES or (isinstance(parsed, dict) and "manifests" in parsed):
+        is_index = media_type in _INDEX_TYPES or (
+            isinstance(parsed, dict) and "manifests" in parsed
+        )
+        if is_index and not accept_index:
             raise UnsupportedMediaType(
                 f"{ref} is an image index (a multi-platform image), not a model: "
                 "models are published as a single OCI manifest"
             )
-        if media_type not in _MANIFEST_TYPES:
+        if not is_index and media_type not in _MANIFEST_TYPES:
             raise UnsupportedMediaType(f"{ref}: unsupported manifest media type {media_type!r}")
         algorithm = ref.digest.split(":", 1)[0] if ref.digest else "sha256"
         digest = f"{algorithm}:{hashlib.new(algorithm, raw).hexdigest()}"
@@ -642,8 +648,12 @@ class _DirectResponse:
     def error_body(self) -> bytes:
         return self._response.read(_MAX_ERROR_BODY)
 
-    @property
-    def finished(self) -> bool:
+    def finish(self) -> bool:
+        """Whether the body was read to its end, leaving the connection free for the next
+        request. `read1`, unlike `read`, does not close a response at its last byte, and
+        http.client sends nothing more until it is closed: close it here."""
+        if not self._response.isclosed() and self._response.length == 0:
+            self._response.close()
         return self._response.isclosed()
 
 
@@ -697,7 +707,7 @@ class _DirectConnection:
         self._conn, self._origin, self._used = conn, _origin(url), False
 
     def release(self) -> None:
-        if self._response is not None and not self._response.finished:
+        if self._response is not None and not self._response.finish():
             self.close()  # a body left unread cannot be skipped on a keep-alive connection
         self._response = None
 
@@ -913,7 +923,14 @@ class _BlobDownload:
             return self._commit_empty()
         self.written = self._load_state()
         missing_bytes = self.size - self.written.total
-        parallel = self.client.connections > 1 and missing_bytes > 2 * self.client.chunk_size
+        # Holes left by an earlier attempt are cut into guided pieces like a fresh download,
+        # never handed out whole: workers would end unevenly and split each other's running
+        # requests, and a split throws away what the victim has in flight (megabytes on a
+        # fast link), all of it fetched again by the thief.
+        holes = len(self.written.gaps(self.size))
+        parallel = self.client.connections > 1 and (
+            missing_bytes > 2 * self.client.chunk_size or holes > 1
+        )
         use_journal = parallel or self.journal.exists()
         self._check_space(missing_bytes)
         try:
@@ -953,11 +970,9 @@ class _BlobDownload:
                 # The first response tells whether ranges work before more connections open.
                 while self.ranges_ok is None and not self.stop.is_set() and workers[0].is_alive():
                     self.lock.wait(0.1)
-                # In parallel mode idle workers split running ranges, so all of them help.
-                tasks = len(self.queue) + 1
-                extra = (
-                    self.client.connections if parallel else min(self.client.connections, tasks)
-                ) - 1
+                # In parallel mode idle workers split running ranges, so all of them help;
+                # otherwise there is a single hole and one stream.
+                extra = self.client.connections - 1 if parallel else 0
             if self.ranges_ok:
                 workers += [self._spawn(self._worker, f"w{i + 1}") for i in range(extra)]
             for worker in workers:

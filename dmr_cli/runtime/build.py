@@ -308,7 +308,7 @@ def build_llama_server(
     options = cmake_options(variant)
     configure = ["cmake", "-S", str(source), "-B", str(build), *options]
     stamp = build / _STAMP
-    with open(log_path, "w") as log:
+    with open(log_path, "w", buffering=1) as log:  # line-buffered: `tail -f` works
         configured = stamp.is_file() and (build / "CMakeCache.txt").is_file()
         if not configured or json.loads(stamp.read_text()) != configure:
             progress(_event("configure", f"Configuring llama.cpp ({variant})"))

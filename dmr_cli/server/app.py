@@ -13,9 +13,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from dmr_cli import __version__, config
-from dmr_cli.server import engines, logs, models
+from dmr_cli.server import engines, inference, logs, models
 from dmr_cli.server.configs import ConfigStore
 from dmr_cli.server.http import handle_errors, text_error
 from dmr_cli.server.scheduler import Scheduler
@@ -82,19 +83,27 @@ def create_app(store: Store) -> Starlette:
         Route("/engines/_configure", e(engines.configure), methods=["POST"]),
         Route("/engines/_configure", e(engines.list_configs), methods=["GET"]),
         Route("/engines/{backend}/_configure", e(engines.configure), methods=["POST"]),
-        Route("/engines/{rest:path}", e(engines.inference), methods=ANY),
-        Route("/v1/{rest:path}", e(alias), methods=ANY),
-        Route("/rerank", e(alias), methods=ANY),
-        Route("/score", e(alias), methods=ANY),
+        Route("/engines/{rest:path}", not_found, methods=ANY),
+        Route("/v1/{rest:path}", not_found, methods=ANY),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: page_not_found})
     return app
 
 
-async def alias(request: Request) -> Response:
-    """`/v1/*`, `/rerank` and `/score` are `/engines/...` (spec §2.1)."""
-    request.scope["path_params"] = {"rest": request.url.path.lstrip("/")}
-    return await engines.inference(request)
+class Daemon:
+    """The ASGI entry point: inference POSTs go straight to the hot path, the rest to the
+    router. Inference routes with another method fall through to DMR's 404s."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = inference.match(scope["path"])
+            if route is not None:
+                await inference.handle(self.app.state.dmr, scope, receive, send, *route)
+                return
+        await self.app(scope, receive, send)
 
 
 async def _sweep_partials(store: Store) -> None:
@@ -129,7 +138,7 @@ def run(host: str, port: int | None, socket: str | None, models_path: Path) -> N
 
     setup_logging()
     store = Store(models_path)
-    app = create_app(store)
+    app = Daemon(create_app(store))
     if socket:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket)

@@ -1,118 +1,19 @@
-"""`/engines/*`: inference proxied to runners, and the scheduler's administration routes
-(spec §2.6, §2.7)."""
+"""`/engines/*` administration routes: status, ps, unload, configure (spec §2.7).
+
+Inference on `/engines/*` is served by `server/inference.py`, ahead of the router."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 from dmr_cli.errors import BadRequest, DmrError
-from dmr_cli.server.http import json_response, read_body, read_json, text_error
-from dmr_cli.server.relay import UpstreamError, relay
-from dmr_cli.server.scheduler import BACKENDS, DEFAULT_BACKEND, Scheduler
+from dmr_cli.server.http import json_response, read_json, text_error
+from dmr_cli.server.scheduler import BACKENDS, DEFAULT_BACKEND
 from dmr_cli.server.state import State
-
-# Path suffix → runner mode (spec §2.6 step 2).
-MODES = {
-    "/v1/chat/completions": "completion",
-    "/v1/completions": "completion",
-    "/v1/messages": "completion",
-    "/v1/messages/count_tokens": "completion",
-    "/v1/embeddings": "embedding",
-    "/rerank": "reranking",
-    "/score": "reranking",
-    "/v1/rerank": "reranking",
-    "/v1/images/generations": "image-generation",
-}
-
-
-def split_inference_path(rest: str) -> tuple[str, str] | None:
-    """`llama.cpp/v1/chat/completions` → (backend, `/v1/chat/completions`); None if not
-    an inference route."""
-    path = "/" + rest
-    if path in MODES:
-        return DEFAULT_BACKEND, path
-    backend, _, tail = rest.partition("/")
-    if "/" + tail in MODES:
-        return backend, "/" + tail
-    return None
-
-
-async def inference(request: Request) -> Response:
-    state: State = request.app.state.dmr
-    split = split_inference_path(request.path_params["rest"])
-    if split is None:
-        return text_error(404, "not found")
-    backend, upstream_path = split
-    if request.method != "POST":
-        return text_error(404, "not found")
-    if backend not in BACKENDS:
-        return text_error(404, "backend not found")
-    if backend != DEFAULT_BACKEND:
-        return text_error(
-            412, f'backend "{backend}" is not installed; dmr serves GGUF models with llama.cpp'
-        )
-    body = bytes(await read_body(request))
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return text_error(400, "invalid request")
-    model = payload.get("model") if isinstance(payload, dict) else None
-    if not model or not isinstance(model, str):
-        return text_error(400, "model is required")
-    mode = MODES[upstream_path]
-    scheduler = state.scheduler
-    runner = await scheduler.acquire(model, mode, backend, scheduler.store.get(model))
-    if request.headers.get("x-preload-only", "").lower() == "true":
-        scheduler.release(runner)
-        return Response(status_code=200)
-    return RelayResponse(scheduler, runner, upstream_path, body)
-
-
-class RelayResponse(Response):
-    """Streams the runner's answer; releases the runner when the exchange is over."""
-
-    def __init__(self, scheduler: Scheduler, runner: Any, path: str, body: bytes) -> None:
-        self.scheduler, self.runner, self.path, self.payload = scheduler, runner, path, body
-        self.background = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        try:
-            if self.runner.embedded:
-                async with self.runner.turn:
-                    await self._relay(headers, send, receive)
-            else:
-                await self._relay(headers, send, receive)
-        finally:
-            self.scheduler.release(self.runner)
-
-    async def _relay(self, headers: dict[str, str], send: Send, receive: Receive) -> None:
-        try:
-            await relay(self.runner.socket, "POST", self.path, headers, self.payload, send, receive)
-        except UpstreamError as exc:
-            message = json.dumps(
-                {
-                    "type": "error",
-                    "code": None,
-                    "message": f"the runner for {self.runner.model_ref} failed: {exc}",
-                    "param": None,
-                    "sequence_number": 1,
-                }
-            ).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 500,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            await send({"type": "http.response.body", "body": message})
 
 
 async def status(request: Request) -> Response:

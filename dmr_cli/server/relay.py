@@ -11,14 +11,13 @@ a pool would only add the risk of sending on a connection the runner already clo
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from starlette.types import Receive, Send
 
-_HOP_BY_HOP = {
+_NOT_PASSED = {
+    b"server",
     b"connection",
     b"keep-alive",
     b"transfer-encoding",
@@ -69,43 +68,40 @@ async def relay(
         reader, writer = await asyncio.open_unix_connection(str(socket), limit=1 << 20)
     except OSError as exc:
         raise UpstreamError(f"runner socket unavailable: {exc.strerror or exc}") from exc
-    disconnected = asyncio.ensure_future(_wait_disconnect(receive))
+    # One watcher per exchange: when the client hangs up it cancels the relay, which closes
+    # the runner connection, and llama-server stops generating.
+    relaying = asyncio.current_task()
+    assert relaying is not None
+    active = True
+
+    def hang_up(watcher: asyncio.Task[None]) -> None:
+        if active and not watcher.cancelled():
+            relaying.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
+    watcher.add_done_callback(hang_up)
     try:
         writer.write(request)
-        answer: tuple[int, list[tuple[bytes, bytes]]] = await _race(
-            _read_head(reader), disconnected
-        )
-        status, response_headers = answer
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await _race(_pump(reader, response_headers, send), disconnected)
+        status, response_headers = await _read_head(reader)
+        # Content-Length passes (the body is relayed byte for byte); chunked framing is
+        # redone by the server; CORS is the daemon's to answer, not the runner's.
+        passed = [(k, v) for k, v in response_headers if k not in _NOT_PASSED]
+        await send({"type": "http.response.start", "status": status, "headers": passed})
+        await _pump(reader, response_headers, send)
         return status
-    except _ClientGone:
-        return 499
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            return 499  # the client went away
+        raise
     finally:
-        disconnected.cancel()
+        active = False
+        watcher.cancel()
         writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-class _ClientGone(Exception):
-    pass
 
 
 async def _wait_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-async def _race(work: Awaitable[Any], disconnected: asyncio.Future[None]) -> Any:
-    task = asyncio.ensure_future(work)
-    done, _ = await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-    if task in done:
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise _ClientGone
 
 
 async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[bytes, bytes]]]:
@@ -127,7 +123,6 @@ async def _pump(
     reader: asyncio.StreamReader, headers: list[tuple[bytes, bytes]], send: Send
 ) -> None:
     fields = dict(headers)
-    headers[:] = [(k, v) for k, v in headers if k not in _HOP_BY_HOP and k != b"content-length"]
     try:
         if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
             while True:

@@ -219,3 +219,121 @@ def _tiny_llama(
             writer.add_chat_template(CHATML_TEMPLATE)
 
     return write_metadata, tensors
+
+
+BERT_WORDS = (
+    "hello", "world", "the", "is", "model", "tiny", "test", "cat", "dog", "paris", "france",
+    "capital", "of", "what", "weather", "today",
+)  # fmt: skip
+
+
+def make_tiny_reranker(path: Path, *, seed: int = 0, name: str = "tiny-reranker") -> Path:
+    """Write a random-weight BERT cross-encoder that llama-server serves with
+    `--embeddings --reranking`, laid out as convert_hf_to_gguf.py writes bge-reranker:
+    the encoder, a `cls` dense + `cls.output` one-label head and RANK pooling."""
+    return _tiny_bert(path, pooling=gguf.PoolingType.RANK, seed=seed, name=name)
+
+
+def make_tiny_embedder(path: Path, *, seed: int = 0, name: str = "tiny-embedder") -> Path:
+    """Write a random-weight BERT sentence encoder with MEAN pooling (as bge-small or
+    all-MiniLM convert), which llama-server (`--embeddings`) and llama-cpp-python
+    (`embedding=True`) turn into one vector of 32 floats per input."""
+    return _tiny_bert(path, pooling=gguf.PoolingType.MEAN, seed=seed, name=name)
+
+
+def _tiny_bert(
+    path: Path,
+    *,
+    pooling: gguf.PoolingType,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    n_head: int = 2,
+    n_ff: int = 64,
+    context_length: int = 128,
+    seed: int,
+    name: str,
+) -> Path:
+    """BERT in llama.cpp's layout: token, token-type and position embeddings, post-norm
+    encoder layers with biases, and the classification head when `pooling` is RANK.
+
+    The WordPiece vocabulary is in llama.cpp's phantom-space form: [PAD] [UNK] [CLS] [SEP]
+    [MASK], every letter and digit as a word start ("▁x") and a continuation ("x"), and the
+    words of BERT_WORDS, so any lowercase ASCII text tokenizes without [UNK].
+    """
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    types = [gguf.TokenType.CONTROL] * len(tokens)
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = [*(f"▁{c}" for c in letters), *letters, *(f"▁{w}" for w in BERT_WORDS)]
+    pieces += ["▁.", "▁,", "▁?", "▁!"]
+    tokens += pieces
+    types += [gguf.TokenType.NORMAL] * len(pieces)
+    rng = np.random.default_rng(seed)
+
+    def matrix(rows: int, cols: int) -> np.ndarray[Any, Any]:
+        return (rng.standard_normal((rows, cols)) / math.sqrt(cols)).astype(np.float32)
+
+    def vector(n: int) -> np.ndarray[Any, Any]:
+        return (rng.standard_normal(n) * 0.02).astype(np.float32)
+
+    def ones() -> np.ndarray[Any, Any]:
+        return np.ones(n_embd, dtype=np.float32)
+
+    tensors: list[tuple[str, np.ndarray[Any, Any]]] = [
+        ("token_embd.weight", matrix(len(tokens), n_embd)),
+        ("token_types.weight", matrix(2, n_embd)),
+        ("position_embd.weight", matrix(context_length, n_embd)),
+        ("token_embd_norm.weight", ones()),
+        ("token_embd_norm.bias", vector(n_embd)),
+    ]
+    for i in range(n_layer):
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensors += [
+                (f"blk.{i}.{proj}.weight", matrix(n_embd, n_embd)),
+                (f"blk.{i}.{proj}.bias", vector(n_embd)),
+            ]
+        tensors += [
+            (f"blk.{i}.attn_output_norm.weight", ones()),
+            (f"blk.{i}.attn_output_norm.bias", vector(n_embd)),
+            (f"blk.{i}.ffn_up.weight", matrix(n_ff, n_embd)),
+            (f"blk.{i}.ffn_up.bias", vector(n_ff)),
+            (f"blk.{i}.ffn_down.weight", matrix(n_embd, n_ff)),
+            (f"blk.{i}.ffn_down.bias", vector(n_embd)),
+            (f"blk.{i}.layer_output_norm.weight", ones()),
+            (f"blk.{i}.layer_output_norm.bias", vector(n_embd)),
+        ]
+    if pooling == gguf.PoolingType.RANK:
+        tensors += [
+            ("cls.weight", matrix(n_embd, n_embd)),
+            ("cls.bias", vector(n_embd)),
+            ("cls.output.weight", matrix(1, n_embd)),
+            ("cls.output.bias", vector(1)),
+        ]
+
+    writer = gguf.GGUFWriter(path, "bert")
+    writer.add_name(name)
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32))
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(pooling)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_type_count(2)
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_pad_token_id(0)
+    writer.add_unk_token_id(1)
+    writer.add_bos_token_id(2)  # [CLS]: llama.cpp folds BERT's CLS into BOS
+    writer.add_sep_token_id(3)
+    writer.add_mask_token_id(4)
+    writer.add_add_bos_token(True)
+    writer.add_add_sep_token(True)
+    for tensor_name, array in tensors:
+        writer.add_tensor(tensor_name, array)
+    _finish(writer)
+    return path

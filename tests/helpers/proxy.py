@@ -25,10 +25,15 @@ class Pacer:
         if not self.rate:
             return
         with self._lock:
+            now = time.monotonic()
             if self._started is None:
-                self._started = time.monotonic()
+                self._started = now
+            # An idle link saves up no credit beyond a tenth of a second's worth.
+            behind = (now - self._started) - self._sent / self.rate
+            if behind > 0.1:
+                self._started += behind - 0.1
             self._sent += n
-            ahead = self._sent / self.rate - (time.monotonic() - self._started)
+            ahead = self._sent / self.rate - (now - self._started)
         if ahead > 0:
             time.sleep(ahead)
 

@@ -36,6 +36,7 @@ from dmr_cli.errors import (
     UnsupportedMediaType,
 )
 from dmr_cli.reference import Reference, parse_reference
+from tests.helpers.proxy import CountingProxy
 from tests.helpers.registry import REGISTRY_BIN, RunningRegistry, free_port
 
 MiB = 1024 * 1024
@@ -301,6 +302,22 @@ def make_proxy(registry: RunningRegistry) -> Iterator[Callable[..., FaultProxy]]
     yield make
     for proxy in proxies:
         proxy.close()
+
+
+@pytest.fixture
+def make_relay(registry: RunningRegistry) -> Iterator[Callable[..., CountingProxy]]:
+    """Byte-counting TCP relays to the registry: what really crossed the wire."""
+    relays: list[CountingProxy] = []
+
+    def make(**limits: float) -> CountingProxy:
+        host, port = registry.host.split(":")
+        relay = CountingProxy(host, int(port), **limits)
+        relays.append(relay)
+        return relay
+
+    yield make
+    for relay in relays:
+        relay.close()
 
 
 # -- manifests and small blobs ------------------------------------------------------------------
@@ -596,6 +613,62 @@ client.download_blob(
 
     assert download.final.read_bytes() == data
     assert len(data) - kept <= received <= len(data) - kept + 2 * MiB
+
+
+def test_resume_from_scattered_ranges_fetches_only_the_holes(
+    registry: RunningRegistry, pusher: Pusher, tmp_path: Path, make_client, make_relay
+):
+    """What a kill leaves in the middle of a parallel download (ranges finished or half done
+    by each connection, holes between them and a long tail) resumes without fetching any
+    byte twice. The relay is as fast as loopback allows, so socket buffers hold megabytes:
+    a request cut short would show here as bytes crossing the wire for nothing."""
+    data = os.urandom(80 * MiB + 12345)
+    pusher.model("ai/scattered", "latest", [data])
+    download = download_of(tmp_path, data)
+    kept_ranges = [
+        [0, 5 * MiB],
+        [5 * MiB + 1, 8 * MiB + 333],
+        [10 * MiB, 12 * MiB + 7],
+        [15 * MiB, 19 * MiB],
+        [20 * MiB, 20 * MiB + 4096],
+        [25 * MiB + 17, 29 * MiB],
+        [30 * MiB, 31 * MiB],
+        [35 * MiB, 37 * MiB + 3],
+    ]
+    with open(download.incomplete, "wb") as f:
+        for a, b in kept_ranges:
+            f.seek(a)
+            f.write(data[a:b])
+    download.ranges.write_text(
+        json.dumps({"digest": download.digest, "size": len(data), "ranges": kept_ranges})
+    )
+    missing = len(data) - download.kept()
+    relay = make_relay()
+
+    received = download.run(make_client(), ref_at(relay.host, "ai/scattered"))
+
+    assert download.final.read_bytes() == data
+    assert received == missing
+    assert sum(download.progress) == len(data)
+    headers = relay.downstream_bytes - missing
+    assert 0 < headers <= 64 * 1024
+
+
+def test_uniformly_slow_link_fetches_each_byte_once(
+    registry: RunningRegistry, pusher: Pusher, tmp_path: Path, make_client, make_relay
+):
+    """On a link capped in total every connection is slow alike: none may be taken for a
+    straggler and re-requested, nor its range split, at the cost of bytes fetched twice."""
+    data = os.urandom(80 * MiB)
+    pusher.model("ai/capped", "latest", [data])
+    download = download_of(tmp_path, data)
+    relay = make_relay(rate=25 * MiB)
+
+    received = download.run(make_client(), ref_at(relay.host, "ai/capped"))
+
+    assert download.final.read_bytes() == data
+    assert received == len(data)
+    assert len(data) < relay.downstream_bytes <= len(data) + MiB
 
 
 def test_corrupt_blob_is_moved_aside(

@@ -1,0 +1,275 @@
+"""Inference through `dmr serve` against the same llama-server addressed directly.
+
+Every figure is a ratio or a difference to the direct path measured in the same run, with the
+two interleaved so machine noise hits both alike. Both paths use the same minimal HTTP client
+over a Unix socket (dmr serve --socket), so only dmr's own cost differs.
+
+  overhead     p50/p99 of a 1-token chat completion, sequential and with 32 in flight (tiny model)
+  streaming    time to first token, mean gap between tokens, tokens/s of a 256-token stream
+  concurrency  4 streams at once vs 1: per-stream TTFT ratio, aggregate tokens/s ratio
+  prompt cache first token of a repeated ~2k-token prompt vs a cold 50-token prompt
+  cold start   dmr's first token on an unloaded model minus llama-server's own start time
+
+    .venv/bin/python benches/inference.py [--runs 300] [--llama-server PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers.daemon import isolated_env
+from tests.helpers.gguf_factory import make_tiny_llama
+
+NO_STOP = {"2": -100, "260": -100}  # ban the generated vocabulary's end tokens
+
+
+async def exchange(sock: str, body: dict[str, object]) -> tuple[float, list[float], bytes]:
+    """POST /v1/chat/completions; returns (time to first body byte, arrival time of each
+    SSE event or of the body, raw body)."""
+    data = json.dumps(body).encode()
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_unix_connection(sock, limit=1 << 22)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b" 200 " in head.split(b"\r\n", 1)[0], head
+    arrivals: list[float] = []
+    chunks = []
+    while chunk := await reader.read(65536):
+        now = time.perf_counter() - start
+        arrivals += [now] * max(1, chunk.count(b"data: "))
+        chunks.append(chunk)
+    writer.close()
+    return arrivals[0], arrivals, b"".join(chunks)
+
+
+def chat(model: str, tokens: int, prompt: str = "hello", stream: bool = False) -> dict[str, object]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": tokens,
+        "stream": stream,
+        "logit_bias": NO_STOP,
+        "temperature": 0,
+    }
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def runner_sockets(daemon_pid: int) -> set[str]:
+    out = set()
+    for child in psutil.Process(daemon_pid).children(recursive=True):
+        cmd = child.cmdline()
+        if "--host" in cmd:
+            out.add(cmd[cmd.index("--host") + 1])
+    return out
+
+
+async def overhead(dmr: str, direct: str, runs: int) -> None:
+    pairs: dict[str, list[float]] = {"direct": [], "dmr": []}
+    for _ in range(runs):
+        for name, sock in (("direct", direct), ("dmr", dmr)):
+            start = time.perf_counter()
+            await exchange(sock, chat("ai/tiny", 1))
+            pairs[name].append(time.perf_counter() - start)
+    d50, d99 = pct(pairs["direct"], 0.5), pct(pairs["direct"], 0.99)
+    m50, m99 = pct(pairs["dmr"], 0.5), pct(pairs["dmr"], 0.99)
+    print(
+        f"overhead, sequential ({runs} each): direct p50 {d50 * 1e3:.3f} ms p99 {d99 * 1e3:.3f} ms;"
+        f" dmr p50 {m50 * 1e3:.3f} ms p99 {m99 * 1e3:.3f} ms"
+    )
+    print(
+        f"  added p50 {(m50 - d50) * 1e3:+.3f} ms (goal <= 0.2), p99 {(m99 - d99) * 1e3:+.3f} ms"
+        " (goal <= 0.5)"
+    )
+    in_flight: dict[str, list[float]] = {"direct": [], "dmr": []}
+
+    async def worker(sock: str, out: list[float], n: int) -> None:
+        for _ in range(n):
+            start = time.perf_counter()
+            await exchange(sock, chat("ai/tiny", 1))
+            out.append(time.perf_counter() - start)
+
+    per_worker = max(4, runs // 32)
+    for _ in range(2):
+        for name, sock in (("direct", direct), ("dmr", dmr)):
+            await asyncio.gather(*(worker(sock, in_flight[name], per_worker) for _ in range(32)))
+    d99, m99 = pct(in_flight["direct"], 0.99), pct(in_flight["dmr"], 0.99)
+    print(
+        f"  32 in flight: direct p99 {d99 * 1e3:.2f} ms, dmr p99 {m99 * 1e3:.2f} ms, added "
+        f"{(m99 - d99) * 1e3:+.2f} ms (goal <= 1)"
+    )
+
+
+async def streaming(dmr: str, direct: str, runs: int) -> None:
+    stats: dict[str, dict[str, list[float]]] = {
+        n: {"ttft": [], "gap": [], "tps": []} for n in ("direct", "dmr")
+    }
+    for _ in range(runs):
+        for name, sock in (("direct", direct), ("dmr", dmr)):
+            ttft, arrivals, _ = await exchange(sock, chat("ai/smol", 256, stream=True))
+            gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+            stats[name]["ttft"].append(ttft)
+            stats[name]["gap"].append(statistics.mean(gaps))
+            stats[name]["tps"].append(256 / (arrivals[-1] - ttft))
+    med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in stats.items()}
+    direct, dmr_ = med["direct"], med["dmr"]
+    print(
+        f"streaming ({runs} x 256 tokens, SmolLM2-135M shapes): TTFT direct "
+        f"{direct['ttft'] * 1e3:.2f} ms, added {(dmr_['ttft'] - direct['ttft']) * 1e3:+.3f} ms "
+        "(goal <= 0.3)"
+    )
+    print(
+        f"  mean gap direct {direct['gap'] * 1e3:.3f} ms, dmr {dmr_['gap'] * 1e3:.3f} ms; "
+        f"tokens/s ratio dmr/direct {dmr_['tps'] / direct['tps']:.4f} (goal >= 0.995)"
+    )
+
+
+async def concurrency(dmr: str) -> None:
+    async def one() -> tuple[float, float]:
+        ttft, arrivals, _ = await exchange(dmr, chat("ai/smol", 128, stream=True))
+        return ttft, arrivals[-1]
+
+    singles = [await one() for _ in range(3)]
+    single_ttft = statistics.median(t for t, _ in singles)
+    single_tps = statistics.median(128 / total for _, total in singles)
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one() for _ in range(4)))
+    wall = time.perf_counter() - start
+    worst_ttft = max(t for t, _ in results)
+    print(
+        f"concurrency (native runner, 4 streams): worst TTFT / single TTFT "
+        f"{worst_ttft / single_ttft:.2f} (goal <= 1.5); aggregate tokens/s / single "
+        f"{(4 * 128 / wall) / single_tps:.2f} (goal >= 1.2)"
+    )
+
+
+async def prompt_cache(dmr: str) -> None:
+    long_prompt = " ".join(["hello world the model is a tiny test"] * 260)  # ~2k tokens
+    cold = [
+        (await exchange(dmr, chat("ai/smol", 1, prompt=f"{i} hello"[:50])))[0] for i in range(5)
+    ]
+    await exchange(dmr, chat("ai/smol", 1, prompt=long_prompt))  # fills the cache
+    warm = [(await exchange(dmr, chat("ai/smol", 1, prompt=long_prompt)))[0] for _ in range(5)]
+    ratio = statistics.median(warm) / statistics.median(cold)
+    print(
+        f"prompt cache: repeated ~2k-token prompt first token / cold 50-token prompt "
+        f"{ratio:.2f} (goal <= 1.5)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--stream-runs", type=int, default=10)
+    parser.add_argument(
+        "--llama-server",
+        default=str(Path.home() / ".cache/dmr-test/runners/cpu/bin/llama-server"),
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dmr-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        env = isolated_env(tmp / "home", LLAMA_SERVER_PATH=args.llama_server, DMR_NO_AUTO_START="1")
+        sock = str(tmp / "dmr.sock")
+        env["MODEL_RUNNER_HOST"] = f"unix://{sock}"
+        tiny = make_tiny_llama(tmp / "tiny.gguf")
+        smol = make_tiny_llama(
+            tmp / "smol.gguf",
+            n_embd=576,
+            n_layer=30,
+            n_head=9,
+            n_head_kv=3,
+            n_ff=1536,
+            context_length=4096,
+            ftype="F16",
+        )
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "dmr_cli", "serve", "--socket", sock],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while not os.path.exists(sock):
+                time.sleep(0.05)
+            for path, tag in ((tiny, "ai/tiny"), (smol, "ai/smol")):
+                subprocess.run(
+                    [sys.executable, "-m", "dmr_cli", "package", "--gguf", str(path), tag],
+                    env=env,
+                    check=True,
+                    capture_output=True,
+                )
+            asyncio.run(run_all(sock, daemon.pid, args, env, tiny))
+        finally:
+            daemon.terminate()
+            daemon.wait()
+
+
+async def run_all(
+    sock: str, pid: int, args: argparse.Namespace, env: dict[str, str], tiny: Path
+) -> None:
+    start = time.perf_counter()
+    await exchange(sock, chat("ai/tiny", 1))
+    cold_total = time.perf_counter() - start
+    (direct_tiny,) = runner_sockets(pid)
+    await exchange(sock, chat("ai/smol", 1))
+    (direct_smol,) = runner_sockets(pid) - {direct_tiny}
+    await overhead(sock, direct_tiny, args.runs)
+    await streaming(sock, direct_smol, args.stream_runs)
+    await concurrency(sock)
+    await prompt_cache(sock)
+    await cold_start(args.llama_server, tiny, cold_total)
+
+
+async def cold_start(binary: str, model: Path, dmr_first_token: float) -> None:
+    """llama-server's own time from exec to healthy, started the way dmr starts it."""
+    with tempfile.TemporaryDirectory(prefix="dmr-cold-") as tmp:
+        sock = f"{tmp}/r.sock"
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            [binary, "--model", str(model), "--host", sock, "--jinja"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            while True:
+                try:
+                    reader, writer = await asyncio.open_unix_connection(sock)
+                    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if b" 200 " in await reader.readline():
+                        break
+                except OSError:
+                    pass
+                await asyncio.sleep(0.002)
+            ready = time.perf_counter() - start
+            first = await exchange(sock, chat("x", 1))
+            own = ready + first[0]
+        finally:
+            proc.terminate()
+            proc.wait()
+    print(
+        f"cold start: dmr first token {dmr_first_token * 1e3:.1f} ms, llama-server alone "
+        f"{own * 1e3:.1f} ms, added {(dmr_first_token - own) * 1e3:+.1f} ms (goal <= 20)"
+    )
+
+
+if __name__ == "__main__":
+    main()

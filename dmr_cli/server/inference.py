@@ -1,0 +1,140 @@
+"""The inference hot path (spec §2.6), as a bare ASGI handler.
+
+Every chat, completion, embedding and rerank request passes here, so it skips the web
+framework: the path is matched with a dict lookup, the body is read straight from ASGI, the
+model resolves from the store's in-memory index, and the answer is relayed byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from dmr_cli.errors import DmrError
+from dmr_cli.server.http import BODY_LIMIT
+from dmr_cli.server.relay import UpstreamError, relay
+from dmr_cli.server.scheduler import BACKENDS, DEFAULT_BACKEND, Runner
+from dmr_cli.server.state import State
+
+log = logging.getLogger("dmr")
+
+# Path suffix → runner mode (spec §2.6 step 2).
+MODES = {
+    "/v1/chat/completions": "completion",
+    "/v1/completions": "completion",
+    "/v1/messages": "completion",
+    "/v1/messages/count_tokens": "completion",
+    "/v1/embeddings": "embedding",
+    "/rerank": "reranking",
+    "/score": "reranking",
+    "/v1/rerank": "reranking",
+    "/v1/images/generations": "image-generation",
+}
+
+
+def match(path: str) -> tuple[str, str] | None:
+    """(backend, runner path) for an inference route, else None.
+
+    `/engines/v1/x`, `/engines/<backend>/v1/x`, and the aliases `/v1/x`, `/rerank`, `/score`.
+    """
+    if path.startswith("/engines/"):
+        rest = path[len("/engines") :]
+    elif path.startswith("/v1/") or path in ("/rerank", "/score"):
+        rest = path
+    else:
+        return None
+    if rest in MODES:
+        return DEFAULT_BACKEND, rest
+    backend, sep, tail = rest[1:].partition("/")
+    if sep and "/" + tail in MODES:
+        return backend, "/" + tail
+    return None
+
+
+async def handle(
+    state: State, scope: Scope, receive: Receive, send: Send, backend: str, path: str
+) -> None:
+    if backend not in BACKENDS:
+        return await send_text(send, 404, "backend not found")
+    if backend != DEFAULT_BACKEND:
+        message = f'backend "{backend}" is not installed; dmr serves GGUF models with llama.cpp'
+        return await send_text(send, 412, message)
+    body = await read_body(receive)
+    if body is None:
+        return await send_text(send, 400, "request too large")
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return await send_text(send, 400, "invalid request")
+    model = payload.get("model") if isinstance(payload, dict) else None
+    if not model or not isinstance(model, str):
+        return await send_text(send, 400, "model is required")
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    scheduler = state.scheduler
+    try:
+        runner = await scheduler.acquire(model, MODES[path], backend, scheduler.store.get(model))
+    except DmrError as exc:
+        return await send_text(send, exc.status, exc.message)
+    try:
+        if headers.get("x-preload-only", "").lower() == "true":
+            return await send_text(send, 200, "")
+        if runner.embedded:
+            async with runner.turn:
+                await _relay(runner, path, headers, body, send, receive)
+        else:
+            await _relay(runner, path, headers, body, send, receive)
+    finally:
+        scheduler.release(runner)
+
+
+async def _relay(
+    runner: Runner, path: str, headers: dict[str, str], body: bytes, send: Send, receive: Receive
+) -> None:
+    try:
+        await relay(runner.socket, "POST", path, headers, body, send, receive)
+    except UpstreamError as exc:
+        # DMR's shape for a runner that went away before answering (spec §2.6 step 10).
+        error: dict[str, Any] = {
+            "type": "error",
+            "code": None,
+            "message": f"the runner for {runner.model_ref} failed: {exc}",
+            "param": None,
+            "sequence_number": 1,
+        }
+        await send_bytes(send, 500, json.dumps(error).encode(), b"application/json")
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The request body, or None past the 10 MiB limit."""
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return b""
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > BODY_LIMIT:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def send_text(send: Send, status: int, message: str) -> None:
+    """Go's http.Error, as the rest of the daemon answers (plain text, nosniff, newline)."""
+    body = (message + "\n").encode() if message else b""
+    await send_bytes(send, status, body, b"text/plain; charset=utf-8")
+
+
+async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes) -> None:
+    headers = [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-content-type-options", b"nosniff"),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
