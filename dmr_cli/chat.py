@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -248,6 +249,15 @@ def _read_text(path: Path) -> str:
         raise BadRequest(f"cannot read {path}: {e.strerror or e}") from e
 
 
+def _file(base: Path, raw: str) -> Path | None:
+    """RAW (relative to BASE, `~` expanded) if it names a regular file."""
+    path = base / os.path.expanduser(raw)
+    try:
+        return path if path.is_file() else None
+    except OSError:  # a name too long to be a path, say
+        return None
+
+
 def expand_prompt(text: str, cwd: Path | None = None) -> Prompt:
     """Replace each `@file` in TEXT with the file's content and take image files (by `@` or
     by path) out of the text as data URIs. What names no file (`@here`, `@dataclass`) stays
@@ -259,13 +269,13 @@ def expand_prompt(text: str, cwd: Path | None = None) -> Prompt:
         at_path = match["dq"] or match["sq"] or match["bare"]
         raw = at_path or match["dq_image"] or match["sq_image"] or match["path_image"]
         suffix = ""
-        path = base / Path(raw).expanduser()
-        if match["bare"] and not path.is_file():
+        path = _file(base, raw)
+        if path is None and match["bare"]:
             # `read @notes.txt.` ends a sentence: the dot is not part of the name.
             stripped = raw.rstrip(_TRAILING_PUNCTUATION)
             suffix = raw[len(stripped) :]
-            path = base / Path(stripped).expanduser()
-        if not path.is_file():
+            path = _file(base, stripped) if stripped else None
+        if path is None:
             return match[0]
         uri = _image_uri(path)
         if uri is not None:

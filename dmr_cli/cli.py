@@ -131,6 +131,7 @@ def build_app() -> typer.Typer:
     import typer
 
     from dmr_cli.commands import (
+        bench,
         configure,
         df,
         inspect,
@@ -143,6 +144,7 @@ def build_app() -> typer.Typer:
         purge,
         push,
         rm,
+        run,
         runner_daemon,
         serve,
         show,
@@ -172,6 +174,8 @@ def build_app() -> typer.Typer:
     app.command("df")(df.df)
     app.command("purge")(purge.purge)
     app.command("package")(package.package)
+    app.command("run")(run.run)
+    app.command("bench")(bench.bench)
     app.command("version")(version.version)
     app.command("status")(status.status)
     app.command("ps")(ps.ps)

@@ -23,7 +23,4 @@ from tests.helpers.gguf_factory import make_tiny_llama; make_tiny_llama(Path(sys
 fi
 
 dmr ls
-curl -s http://127.0.0.1:12434/engines/v1/chat/completions \
-  -H 'Content-Type: application/json' \
-  -d "{\"model\": \"$model\", \"messages\": [{\"role\": \"user\", \"content\": \"Say hi\"}], \"max_tokens\": 32}"
-echo
+dmr run "$model" "Say hi in five words."

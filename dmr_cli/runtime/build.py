@@ -317,7 +317,7 @@ def build_llama_server(
             if code != 0:
                 raise _failure("configuring llama.cpp", variant, code, tail, log_path)
             stamp.write_text(json.dumps(configure))
-        progress(_event("build", f"Building llama-server with {jobs} jobs", 0))
+        progress(_event("build", f"Building llama-server with {jobs} parallel jobs"))
         last = [-1]
 
         def on_line(line: str) -> None:

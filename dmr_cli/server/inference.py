@@ -69,8 +69,11 @@ async def handle(
         payload = json.loads(body)
     except ValueError:
         return await send_text(send, 400, "invalid request")
-    model = payload.get("model") if isinstance(payload, dict) else None
-    if not model or not isinstance(model, str):
+    # DMR decodes into a struct with a string `model`: anything else is not a request.
+    model = payload.get("model") if isinstance(payload, dict) else 0
+    if model is not None and not isinstance(model, str):
+        return await send_text(send, 400, "invalid request")
+    if not model:
         return await send_text(send, 400, "model is required")
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
     scheduler = state.scheduler

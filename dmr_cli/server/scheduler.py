@@ -116,7 +116,8 @@ class Scheduler:
         self._engine_log = engine_log or EngineLog(settings.log_dir() / ENGINE_LOG)
         self._memory_probe = memory_probe
         self._watchers: set[asyncio.Task[None]] = set()
-        self._terminations: set[asyncio.Future[int]] = set()
+        self._terminations: set[asyncio.Future[Any]] = set()
+        self._stopping: set[Runner] = set()
         self.detection: Any = None
 
     # -- public API -----------------------------------------------------------------------
@@ -146,8 +147,12 @@ class Scheduler:
                     raise runner.error
                 return runner
             async with self._changed:
-                if len(self.runners) < self.slots or self._evict_lru(1):
+                # A runner being stopped holds its slot until its process has exited, so its
+                # memory is free before the next model loads (spec §7.1).
+                if len(self.runners) + len(self._stopping) < self.slots:
                     break
+                if not self._stopping:
+                    self._evict_lru()
                 await self._changed.wait()  # cancellable: a client that gives up stops waiting
         return await self._load(key, model, model_ref, config, draft)
 
@@ -234,14 +239,15 @@ class Scheduler:
             available = await asyncio.to_thread(self._available_memory)
             if need.total <= available:
                 return need.total
-            if not self._evict_lru(1):
+            evicted = self._evict_lru()
+            if evicted is None:
                 raise DmrError(
                     f"unable to load runner: not enough memory for {model_name(model)}: "
                     f"it needs {need.describe()}, {memory.gib(available)} is available",
                     hint="use a smaller context, e.g. dmr configure --context-size 4096 MODEL, "
                     "or unload other models with dmr unload",
                 )
-            await asyncio.sleep(0.2)  # let the evicted runner's memory return to the system
+            await evicted
 
     def _available_memory(self) -> int:
         if self._memory_probe is not None:
@@ -381,11 +387,12 @@ class Scheduler:
         if runner.idle and self.runners.get(runner.key) is runner:
             self._evict(runner)
 
-    def _evict_lru(self, count: int) -> bool:
-        idle = sorted((r for r in self.runners.values() if r.idle), key=lambda r: r.last_used)
-        for runner in idle[:count]:
-            self._evict(runner)
-        return bool(idle)
+    def _evict_lru(self) -> asyncio.Future[Any] | None:
+        """Evict the least recently used idle runner; its exit, or None if all are busy."""
+        idle = [r for r in self.runners.values() if r.idle]
+        if not idle:
+            return None
+        return self._evict(min(idle, key=lambda r: r.last_used))
 
     def _forget(self, runner: Runner) -> None:
         runner.stopping = True
@@ -395,17 +402,26 @@ class Scheduler:
             del self.runners[runner.key]
         self._notify()
 
-    def _evict(self, runner: Runner) -> None:
+    def _evict(self, runner: Runner) -> asyncio.Future[Any]:
+        """Forget the runner at once and stop its process (SIGINT, then SIGKILL)."""
         self._forget(runner)
-        if runner.process is not None:
-            process = runner.process
-            done = asyncio.get_running_loop().run_in_executor(
-                None, process.terminate, EVICTION_GRACE
-            )
+        loop = asyncio.get_running_loop()
+        if runner.process is None:
+            done: asyncio.Future[Any] = loop.create_future()
+            done.set_result(None)
+        else:
+            done = loop.run_in_executor(None, runner.process.terminate, EVICTION_GRACE)
+            self._stopping.add(runner)
             self._terminations.add(done)
             done.add_done_callback(self._terminations.discard)
-        with contextlib.suppress(FileNotFoundError):
-            runner.socket.unlink()
+
+        def stopped(_: asyncio.Future[Any]) -> None:
+            self._stopping.discard(runner)
+            runner.socket.unlink(missing_ok=True)
+            self._notify()
+
+        done.add_done_callback(stopped)
+        return done
 
     def _notify(self) -> None:
         async def notify() -> None:

@@ -28,9 +28,11 @@ ROUTES = [
     "/v1/embeddings",
     "/rerank",
 ]
-# The tiny llama's end-of-generation tokens, </s> and <|im_end|>: banned so a generation
-# runs until max_tokens.
-NO_STOP = {"2": -100, "260": -100}
+# Banned in long generations: the tiny llama's end-of-generation tokens </s> (2) and
+# <|im_end|> (260), so it runs until max_tokens, and its byte tokens (3-258), because random
+# bytes are rarely valid UTF-8 and llama-cpp-python holds text back until it decodes: the
+# stream would stay silent to the end.
+TEXT_ONLY = {str(token): -100 for token in (2, 260, *range(3, 259))}
 
 
 def package(daemon: Daemon, path: Path, tag: str) -> None:
@@ -91,14 +93,24 @@ def http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
 
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize(
-    "body",
-    [b'{"model": "ai/tiny",', b"not json", b"", b"[1, 2]", b'"ai/tiny"', b'{"model": 5}'],
-    ids=["truncated", "text", "empty", "array", "string", "model-not-a-string"],
+    "body", [b'{"model": "ai/tiny",', b"not json", b""], ids=["truncated", "text", "empty"]
 )
 def test_malformed_json_is_an_invalid_request(http: httpx.Client, route: str, body: bytes) -> None:
-    # DMR decodes into a struct with a string `model`: anything that is not a JSON object
-    # with a string there fails to decode.
     response = http.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.text == "invalid request\n"
+
+
+@pytest.mark.parametrize(
+    "body", [b"[1, 2]", b'"ai/tiny"', b'{"model": 5}'], ids=["array", "string", "model-number"]
+)
+def test_json_that_is_not_a_request_object_is_an_invalid_request(
+    http: httpx.Client, body: bytes
+) -> None:
+    # DMR decodes the body into a struct with a string `model` (OpenAIInferenceRequest):
+    # anything that does not fit fails to decode, which is "invalid request", not a
+    # missing model.
+    response = http.post("/v1/chat/completions", content=body)
     assert response.status_code == 400
     assert response.text == "invalid request\n"
 
@@ -207,7 +219,7 @@ def test_client_hanging_up_mid_stream_frees_the_runner(
     daemon, http = served
     # 3000 tokens of the slow model take minutes on this machine: the stream is surely
     # still running when the client goes.
-    body = chat_body("ai/slow", max_tokens=3000, logit_bias=NO_STOP, stream=True)
+    body = chat_body("ai/slow", max_tokens=3000, logit_bias=TEXT_ONLY, stream=True)
     with http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         # llama-cpp-python may send ": ping" comments first; wait for a real event.
@@ -248,6 +260,7 @@ def test_many_concurrent_requests_to_one_model_share_a_runner(
     assert statuses == [200] * 12
     entries = [e for e in http.get("/engines/ps").json() if e["model_name"] == "ai/tiny"]
     assert len(entries) == 1 and not entries[0].get("in_use")
+    assert len(runners_of(daemon, "ai/tiny")) == 1
 
 
 def test_many_concurrent_requests_to_more_models_than_slots(
@@ -255,14 +268,15 @@ def test_many_concurrent_requests_to_more_models_than_slots(
 ) -> None:
     daemon, http = served
     models = ["ai/tiny", "ai/tiny2", "ai/tiny3"] * 8
-    most_loaded = 0
+    most_loaded = most_processes = 0
     done = threading.Event()
 
     def watch() -> None:
-        nonlocal most_loaded
+        nonlocal most_loaded, most_processes
         with httpx.Client(base_url=daemon.url) as watcher:
             while not done.is_set():
                 most_loaded = max(most_loaded, len(watcher.get("/engines/ps").json()))
+                most_processes = max(most_processes, len(runner_processes(daemon)))
                 time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
@@ -279,6 +293,9 @@ def test_many_concurrent_requests_to_more_models_than_slots(
         r.text for r in responses if r.status_code != 200
     ]
     assert 1 <= most_loaded <= 2  # DMR_SLOTS=2, never more runners than slots
+    # An evicted runner has exited before its successor starts (spec §7.1: eviction waits
+    # for the process), so its memory is free for the next model.
+    assert most_processes <= 2, f"{most_processes} runner processes alive at once"
     assert len(http.get("/engines/ps").json()) <= 2
     # Evicted runners' processes are gone too: no leak.
     wait_for(lambda: len(runner_processes(daemon)) <= 2)

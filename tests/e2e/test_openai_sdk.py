@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.helpers.daemon import Daemon, start_daemon
 from tests.helpers.gguf_factory import make_tiny_embedder, make_tiny_llama
@@ -19,7 +20,7 @@ PREFIXES = ["/engines/v1", "/engines/llama.cpp/v1", "/v1"]
 # generation runs to max_tokens and its length is known.
 NO_STOP = {"2": -100, "260": -100}
 MAX_TOKENS = 8
-MESSAGES: list[dict[str, str]] = [{"role": "user", "content": "hello world"}]
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello world"}]
 
 
 @pytest.fixture(scope="module", params=["native", "embedded"])
@@ -64,7 +65,7 @@ def test_chat_completion(client: openai.OpenAI, served: tuple[str, Daemon]) -> N
     kind, _ = served
     response = client.chat.completions.create(
         model="ai/tiny",
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         max_tokens=MAX_TOKENS,
         temperature=0,
         logit_bias=NO_STOP,
@@ -86,21 +87,23 @@ def test_chat_streaming_assembles_the_same_answer(
     client: openai.OpenAI, served: tuple[str, Daemon]
 ) -> None:
     kind, _ = served
-    request = {
-        "model": "ai/tiny",
-        "messages": MESSAGES,
-        "max_tokens": MAX_TOKENS,
-        "temperature": 0,
-        "logit_bias": NO_STOP,
-    }
-    whole = client.chat.completions.create(**request)  # type: ignore[call-overload]
-    chunks = list(
-        client.chat.completions.create(
-            **request,  # type: ignore[arg-type]
-            stream=True,
-            stream_options={"include_usage": True},
-        )
+    whole = client.chat.completions.create(
+        model="ai/tiny",
+        messages=MESSAGES,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logit_bias=NO_STOP,
     )
+    stream = client.chat.completions.create(
+        model="ai/tiny",
+        messages=MESSAGES,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        logit_bias=NO_STOP,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
     assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
     with_choices = [c for c in chunks if c.choices]
     assembled = "".join(c.choices[0].delta.content or "" for c in with_choices)
@@ -176,4 +179,4 @@ def test_model_list_and_retrieve(client: openai.OpenAI) -> None:
 
 def test_unknown_model_is_a_not_found_error(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="ai/absent", messages=MESSAGES)  # type: ignore[arg-type]
+        client.chat.completions.create(model="ai/absent", messages=MESSAGES)

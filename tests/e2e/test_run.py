@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pexpect
+import pexpect  # type: ignore[import-untyped]
 import pytest
 
 from tests.helpers.daemon import Daemon, start_daemon
@@ -220,6 +220,7 @@ def test_interactive_chat(served: Daemon, tmp_path: Path) -> None:
     ok(served.cli("configure", "ai/chat", "--", "-n", "16"))
     (tmp_path / "notes.txt").write_text(" ".join(["hello world the tiny model"] * 10))
     child = spawn_chat(served, "ai/chat", tmp_path)
+    wait_for(lambda: runner_idle(served, "ai/chat"))  # loaded while nothing was typed yet
 
     child.sendline('"""Summarise this:')
     child.expect_exact(". ")
@@ -260,6 +261,11 @@ def test_interactive_chat(served: Daemon, tmp_path: Path) -> None:
     ).json()
     assert config["Config"]["context-size"] == 128
 
+    child.send("a draft")
+    child.expect_exact("a draft")
+    child.sendintr()  # drops the line
+    child.expect_exact("> ")
+    assert "Use Ctrl" not in child.before
     child.sendintr()  # on an empty line
     child.expect_exact("Use Ctrl + d or /bye to exit.")
     child.expect_exact("> ")

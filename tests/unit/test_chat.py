@@ -117,7 +117,8 @@ def test_set_num_ctx_and_its_legacy_form() -> None:
     assert parse_command("/set parameter temperature 1") == Notice(
         "Unknown parameter: temperature\nAvailable parameters: num_ctx"
     )
-    assert parse_command("/set parameter num_ctx").text.startswith("Usage: /set parameter")
+    usage = parse_command("/set parameter num_ctx")
+    assert isinstance(usage, Notice) and usage.text.startswith("Usage: /set parameter")
 
 
 def test_set_without_a_known_option_shows_its_help() -> None:
@@ -152,7 +153,7 @@ def test_at_file_with_an_absolute_path_and_single_quotes(tmp_path: Path) -> None
 def test_what_names_no_file_stays_as_typed(tmp_path: Path) -> None:
     (tmp_path / "example.com").write_text("NOT INCLUDED")
     (tmp_path / "adir").mkdir()
-    text = "mail me@example.com, use @dataclass, see @adir and @missing.txt"
+    text = f"mail me@example.com, use @dataclass, see @adir, @missing.txt, @~nobody/x, @{'n' * 300}"
     assert expand_prompt(text, tmp_path) == Prompt(text, [])
 
 
