@@ -36,7 +36,11 @@ def backend_status(state: State) -> dict[str, str]:
             )
         else:
             commit = f" {binary.commit}" if binary.commit else ""
-            llama = f"Running: llama.cpp {binary.version}-{binary.variant}{commit}"
+            accelerator = state.detection().accelerator
+            llama = (
+                f"Running: llama.cpp {binary.version}-{binary.variant} "
+                f"(accelerator: {accelerator}){commit}"
+            )
     return {
         "llama.cpp": llama,
         "vllm": "Not Installed: binary not found",

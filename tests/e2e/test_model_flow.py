@@ -48,8 +48,16 @@ def test_pull_list_inspect_tag_rm(
 
     table = ok(daemon.cli("ls")).splitlines()
     assert table[0].split() == [
-        "MODEL", "NAME", "PARAMETERS", "QUANTIZATION", "ARCHITECTURE", "MODEL", "ID",
-        "CREATED", "CONTEXT", "SIZE",
+        "MODEL",
+        "NAME",
+        "PARAMETERS",
+        "QUANTIZATION",
+        "ARCHITECTURE",
+        "MODEL",
+        "ID",
+        "CREATED",
+        "CONTEXT",
+        "SIZE",
     ]
     assert any(line.startswith(f"{registry.host}/ai/tiny:v1 ") for line in table[1:])
     assert " llama " in table[1] and " F32 " in table[1] and " 256 " in table[1]
@@ -182,3 +190,46 @@ def test_pull_killed_with_sigkill_resumes_only_the_remainder(
         assert store.get(ref).id == art.id
     finally:
         daemon.stop()
+
+
+def test_unsupported_config_media_type_is_refused(
+    daemon: Daemon, registry: RunningRegistry
+) -> None:
+    art = hand_artifact([b"w"], config_media_type="application/vnd.docker.ai.model.config.v9+json")
+    push_hand_artifact(registry.url, "ai/future", "latest", art)
+    result = daemon.cli("pull", f"{registry.host}/ai/future")
+    assert result.returncode == 1
+    assert "is not supported" in result.stderr and "try upgrading" in result.stderr
+    assert json.loads(ok(daemon.cli("ls", "--json"))) == []
+
+
+def test_registry_errors_map_to_exit_codes(
+    daemon: Daemon, registry: RunningRegistry, auth_registry: RunningRegistry
+) -> None:
+    missing = daemon.cli("pull", f"{registry.host}/ai/nothing-here")
+    assert missing.returncode == 4, missing.stderr
+    assert "not found" in missing.stderr.lower()
+    denied = daemon.cli("pull", f"{auth_registry.host}/ai/private")
+    assert denied.returncode == 5, denied.stderr
+    assert "Hint:" in denied.stderr
+    malformed = daemon.cli("pull", "ai/../../etc/passwd")
+    assert malformed.returncode == 2 and "invalid reference" in malformed.stderr.lower()
+
+
+def test_two_pulls_of_one_model_and_rm_during_a_pull(
+    daemon: Daemon, registry: RunningRegistry, slow_registry: CountingProxy
+) -> None:
+    weights = os.urandom(20 * 1024 * 1024)
+    art = hand_artifact([weights])
+    push_hand_artifact(registry.url, "ai/twice", "latest", art)
+    ref = f"{slow_registry.host}/ai/twice"
+    first, second = daemon.cli_background("pull", ref), daemon.cli_background("pull", ref)
+    time.sleep(0.3)  # both under way (20 MB at 25 MB/s)
+    during = daemon.cli("rm", ref)
+    assert during.returncode == 4  # not in the store until its pull completes
+    assert first.wait(60) == 0 and second.wait(60) == 0, (first.stderr, second.stderr)
+    store = Store(daemon.models_path)
+    assert store.get(ref).id == art.id
+    assert store.blob_path(digest_of(weights)).read_bytes() == weights
+    assert blobs_on_disk(daemon.models_path) == {digest_of(weights)[7:], digest_of(art.config)[7:]}
+    assert slow_registry.downstream_bytes < 1.5 * len(weights)  # downloaded once
