@@ -186,13 +186,11 @@ class Subscriber:
     def __init__(self, model_id: str | None, size: int = SUBSCRIBER_BUFFER) -> None:
         self.model_id = model_id
         self.queue: asyncio.Queue[Record] = asyncio.Queue(size)
-        self.dropped = 0
 
     def offer(self, record: Record) -> None:
         # A follower that does not keep up loses its oldest events, never slows requests.
         if self.queue.full():
             self.queue.get_nowait()
-            self.dropped += 1
         self.queue.put_nowait(record)
 
 
