@@ -143,6 +143,7 @@ def build_app() -> typer.Typer:
         pull,
         purge,
         push,
+        requests,
         rm,
         run,
         runner_daemon,
@@ -182,6 +183,7 @@ def build_app() -> typer.Typer:
     app.command("unload")(unload.unload)
     app.command("stop", hidden=True)(unload.unload)
     app.command("logs")(logs.logs)
+    app.command("requests")(requests.requests)
     app.command("configure", cls=configure.command_class())(configure.configure)
     app.command("config", cls=configure.command_class(), hidden=True)(configure.configure)
     app.command("serve")(serve.serve)

@@ -582,6 +582,41 @@ def logs(*, follow: bool, no_engines: bool) -> Iterator[str]:
         ) from e
 
 
+def follow_requests(*, model: str | None, include_existing: bool) -> Iterator[tuple[str, str]]:
+    """GET /engines/requests as an event stream: (event, data) pairs as they arrive."""
+    import httpx
+
+    params = {"model": model or "", "include_existing": "true" if include_existing else ""}
+    query = urlencode({k: v for k, v in params.items() if v})
+    path = "/engines/requests" + ("?" + query if query else "")
+    headers = {"Accept": "text/event-stream"}
+    try:
+        with (
+            _http_client() as http,
+            # Requests can be hours apart: no read timeout.
+            http.stream(
+                "GET", path, headers=headers, timeout=httpx.Timeout(None, connect=CONNECT_TIMEOUT)
+            ) as resp,
+        ):
+            if resp.status_code != 200:
+                resp.read()
+                raise error_for_status(resp.status_code, resp.text, path)
+            event = ""
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    yield event, line[5:].removeprefix(" ")
+                elif not line:
+                    event = ""
+    except httpx.ConnectError as e:
+        raise DaemonUnavailable(f"cannot reach the dmr daemon at {endpoint().url}: {e}") from e
+    except httpx.TransportError as e:
+        raise DaemonUnavailable(
+            f"lost the connection to the dmr daemon at {endpoint().url}: {e or type(e).__name__}"
+        ) from e
+
+
 def pull(ref: str, on_event: ProgressCallback) -> str:
     """POST /models/create; returns the success message (`Model pulled successfully`)."""
     payload = {"from": ref}

@@ -116,7 +116,9 @@ def pull(
     progress: Progress,
     bearer_token: str | None = None,
     cancel: threading.Event | None = None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> PullResult:
+    """ON_BYTES(n) is told the bytes each blob download received over the network."""
     ref = parse_pull_reference(value)
     store.ensure_layout()
     if ref.is_huggingface:
@@ -136,9 +138,12 @@ def pull(
         config_digest = manifest["config"]["digest"]
         with store.pinned([config_digest, *(layer["digest"] for layer in layers)]):
             if not store.has_blob(config_digest):
-                store.write_blob_bytes(client.get_blob(ref, config_digest), config_digest)
+                config_blob = client.get_blob(ref, config_digest)
+                store.write_blob_bytes(config_blob, config_digest)
+                if on_bytes is not None:
+                    on_bytes(len(config_blob))
             _warn_if_no_format(store, config_digest, progress)
-            _download_layers(store, client, ref, layers, progress, cancel)
+            _download_layers(store, client, ref, layers, progress, cancel, on_bytes)
             model_id = store.write_model(raw, [tag])
     finally:
         client.close()
@@ -167,6 +172,7 @@ def _download_layers(
     layers: Sequence[dict[str, Any]],
     progress: Progress,
     cancel: threading.Event | None,
+    on_bytes: Callable[[int], None] | None = None,
 ) -> None:
     total = sum(int(layer["size"]) for layer in layers)
 
@@ -181,9 +187,11 @@ def _download_layers(
             if not store.has_blob(digest):
                 final = store.blob_path(digest)
                 final.parent.mkdir(parents=True, exist_ok=True)
-                client.download_blob(
+                received = client.download_blob(
                     ref, digest, size, store.incomplete_path(digest), final, report, cancel
                 )
+                if on_bytes is not None:
+                    on_bytes(received)
         report.start_at(size - 1)
         report(1)  # reports completion once, also for blobs already present
 

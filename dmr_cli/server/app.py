@@ -16,7 +16,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from dmr_cli import __version__, config
-from dmr_cli.server import engines, inference, logs, models
+from dmr_cli.server import (
+    engines,
+    inference,
+    logs,
+    metrics,
+    models,
+    openai_models,
+    recorder,
+)
 from dmr_cli.server.configs import ConfigStore
 from dmr_cli.server.http import handle_errors, text_error
 from dmr_cli.server.scheduler import Scheduler
@@ -53,8 +61,10 @@ def create_app(store: Store) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await asyncio.to_thread(store.ensure_layout)
-        scheduler = Scheduler(store, await asyncio.to_thread(ConfigStore, store.root))
-        state = State(store=store, scheduler=scheduler)
+        counters, log_book = metrics.Metrics(), recorder.Recorder()
+        configs = await asyncio.to_thread(ConfigStore, store.root)
+        scheduler = Scheduler(store, configs, metrics=counters, recorder=log_book)
+        state = State(store=store, scheduler=scheduler, metrics=counters, recorder=log_book)
         app.state.dmr = state
         scheduler.detection = await asyncio.to_thread(state.detection)
         sweeper = asyncio.create_task(_sweep_partials(store))
@@ -83,11 +93,28 @@ def create_app(store: Store) -> Starlette:
         Route("/engines/_configure", e(engines.configure), methods=["POST"]),
         Route("/engines/_configure", e(engines.list_configs), methods=["GET"]),
         Route("/engines/{backend}/_configure", e(engines.configure), methods=["POST"]),
+        Route("/engines/requests", e(recorder.requests_route), methods=["GET"]),
+        *_openai_model_routes("/engines", "/engines/{backend}", ""),
         Route("/engines/{rest:path}", not_found, methods=ANY),
         Route("/v1/{rest:path}", not_found, methods=ANY),
     ]
+    if not config.env_bool("DISABLE_METRICS"):
+        routes.append(Route("/metrics", metrics.metrics_route, methods=ANY))
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: page_not_found})
     return app
+
+
+def _openai_model_routes(*prefixes: str) -> list[Route]:
+    """GET `<prefix>/v1/models[/{ref...}]` (spec §2.3); other methods fall through to the
+    catch-all 404 routes after them."""
+    e = handle_errors
+    routes = []
+    for prefix in prefixes:
+        routes += [
+            Route(f"{prefix}/v1/models", e(openai_models.list_models), methods=["GET"]),
+            Route(f"{prefix}/v1/models/{{ref:path}}", e(openai_models.get_model), methods=["GET"]),
+        ]
+    return routes
 
 
 class Daemon:

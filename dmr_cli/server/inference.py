@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Awaitable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -57,40 +59,55 @@ def match(path: str) -> tuple[str, str] | None:
 async def handle(
     state: State, scope: Scope, receive: Receive, send: Send, backend: str, path: str
 ) -> None:
+    started = time.perf_counter()
     if backend not in BACKENDS:
-        return await send_text(send, 404, "backend not found")
+        return await _answer(state, send, path, 404, "backend not found")
     if backend != DEFAULT_BACKEND:
         message = f'backend "{backend}" is not installed; dmr serves GGUF models with llama.cpp'
-        return await send_text(send, 412, message)
+        return await _answer(state, send, path, 412, message)
     body = await read_body(receive)
     if body is None:
-        return await send_text(send, 400, "request too large")
+        return await _answer(state, send, path, 400, "request too large")
     try:
         payload = json.loads(body)
     except ValueError:
-        return await send_text(send, 400, "invalid request")
+        return await _answer(state, send, path, 400, "invalid request")
     # DMR decodes into a struct with a string `model`: anything else is not a request.
     model = payload.get("model") if isinstance(payload, dict) else 0
     if model is not None and not isinstance(model, str):
-        return await send_text(send, 400, "invalid request")
+        return await _answer(state, send, path, 400, "invalid request")
     if not model:
-        return await send_text(send, 400, "model is required")
+        return await _answer(state, send, path, 400, "model is required")
     headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
     scheduler = state.scheduler
     try:
         runner = await scheduler.acquire(model, MODES[path], backend, scheduler.store.get(model))
     except DmrError as exc:
-        return await send_text(send, exc.status, exc.message)
+        return await _answer(state, send, path, exc.status, exc.message)
     try:
         if headers.get("x-preload-only", "").lower() == "true":
-            return await send_text(send, 200, "")
-        if runner.embedded:
-            async with runner.turn:
-                await _relay(runner, path, headers, body, send, receive)
-        else:
-            await _relay(runner, path, headers, body, send, receive)
+            return await _answer(state, send, path, 200, "")
+        record = state.recorder.start(
+            runner.key.model_id, model, "POST", scope["path"], body, headers, started
+        )
+        try:
+            recording = record.wrap_send(send)
+            if runner.embedded:
+                async with runner.turn:
+                    await _relay(runner, path, headers, body, recording, receive)
+            else:
+                await _relay(runner, path, headers, body, recording, receive)
+        finally:
+            record.finish()
+            state.metrics.request_done(path, record.status_code, record.ttfb)
     finally:
         scheduler.release(runner)
+
+
+def _answer(state: State, send: Send, path: str, status: int, message: str) -> Awaitable[None]:
+    """An answer dmr gives itself (no runner involved), counted in the metrics."""
+    state.metrics.request_done(path, status)
+    return send_text(send, status, message)
 
 
 async def _relay(

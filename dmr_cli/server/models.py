@@ -47,7 +47,14 @@ async def create_model(request: Request) -> Response:
         raise InvalidReference(f"Invalid model reference: {exc.message}") from exc
 
     def work(progress: Callable[[dict[str, Any]], None], cancel: threading.Event) -> None:
-        pull.pull(state.store, source, progress=progress, bearer_token=token, cancel=cancel)
+        pull.pull(
+            state.store,
+            source,
+            progress=progress,
+            bearer_token=token,
+            cancel=cancel,
+            on_bytes=state.metrics.pull_bytes,
+        )
 
     return await progress_stream(request, work, gate=state.pull_slots)
 

@@ -29,6 +29,8 @@ from dmr_cli.runtime.flags import format_keep_alive
 from dmr_cli.runtime.process import EngineLog, RunnerProcess, wait_healthy
 from dmr_cli.server.configs import ConfigKey, ConfigStore
 from dmr_cli.server.logs import ENGINE_LOG
+from dmr_cli.server.metrics import Metrics
+from dmr_cli.server.recorder import Recorder
 from dmr_cli.store import Model, Store
 
 log = logging.getLogger("dmr")
@@ -105,6 +107,8 @@ class Scheduler:
         slots: int | None = None,
         engine_log: EngineLog | None = None,
         memory_probe: Callable[[], int] | None = None,
+        metrics: Metrics | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.store = store
         self.configs = configs
@@ -119,6 +123,8 @@ class Scheduler:
         self._terminations: set[asyncio.Future[Any]] = set()
         self._stopping: set[Runner] = set()
         self.detection: Any = None
+        self.metrics = metrics or Metrics()
+        self.recorder = recorder or Recorder()
 
     # -- public API -----------------------------------------------------------------------
 
@@ -152,7 +158,7 @@ class Scheduler:
                 if len(self.runners) + len(self._stopping) < self.slots:
                     break
                 if not self._stopping:
-                    self._evict_lru()
+                    self._evict_lru("slots")
                 await self._changed.wait()  # cancellable: a client that gives up stops waiting
         return await self._load(key, model, model_ref, config, draft)
 
@@ -162,7 +168,7 @@ class Scheduler:
         if runner.refcount > 0 or runner.stopping:
             return
         if runner.keep_alive == 0:
-            self._evict(runner)
+            self._evict(runner, "idle")
         elif runner.keep_alive > 0:
             loop = asyncio.get_running_loop()
             runner.expiry = loop.call_later(runner.keep_alive, self._expire, runner)
@@ -190,7 +196,7 @@ class Scheduler:
                     and (not backend or r.key.backend == backend)
                 ]
         for runner in doomed:
-            self._evict(runner)
+            self._evict(runner, "unload")
         return len(doomed)
 
     async def configure(
@@ -205,7 +211,7 @@ class Scheduler:
             if runner.key.backend == backend and runner.key.mode == mode:
                 if not runner.idle:
                     raise Conflict("runner already active")
-                self._evict(runner)
+                self._evict(runner, "configure")
 
     async def shutdown(self) -> None:
         for runner in list(self.runners.values()):
@@ -239,7 +245,7 @@ class Scheduler:
             available = await asyncio.to_thread(self._available_memory)
             if need.total <= available:
                 return need.total
-            evicted = self._evict_lru()
+            evicted = self._evict_lru("memory")
             if evicted is None:
                 raise DmrError(
                     f"unable to load runner: not enough memory for {model_name(model)}: "
@@ -308,7 +314,9 @@ class Scheduler:
             raise error from exc
         runner.loading = False
         runner.ready.set()
-        log.info("loaded %s (%s) in %.2f s", model_ref, key.mode, time.monotonic() - started)
+        seconds = time.monotonic() - started
+        self.metrics.runner_loaded(key.backend, key.mode, seconds)
+        log.info("loaded %s (%s) in %.2f s", model_ref, key.mode, seconds)
         return runner
 
     def _load_error(self, runner: Runner, exc: BaseException) -> DmrError:
@@ -376,7 +384,7 @@ class Scheduler:
             code = await asyncio.to_thread(process.popen.wait)
             if not runner.stopping:
                 log.warning("runner for %s exited unexpectedly (status %s)", runner.model_ref, code)
-                self._forget(runner)
+                self._forget(runner, "crashed")
 
         task = asyncio.get_running_loop().create_task(watch())
         self._watchers.add(task)
@@ -385,26 +393,33 @@ class Scheduler:
     def _expire(self, runner: Runner) -> None:
         runner.expiry = None
         if runner.idle and self.runners.get(runner.key) is runner:
-            self._evict(runner)
+            self._evict(runner, "idle")
 
-    def _evict_lru(self) -> asyncio.Future[Any] | None:
+    def _evict_lru(self, reason: str) -> asyncio.Future[Any] | None:
         """Evict the least recently used idle runner; its exit, or None if all are busy."""
         idle = [r for r in self.runners.values() if r.idle]
         if not idle:
             return None
-        return self._evict(min(idle, key=lambda r: r.last_used))
+        return self._evict(min(idle, key=lambda r: r.last_used), reason)
 
-    def _forget(self, runner: Runner) -> None:
+    def _forget(self, runner: Runner, reason: str | None = None) -> None:
+        """REASON (metrics.EVICTION_REASONS) counts the eviction; None (shutdown, a failed
+        load) does not."""
         runner.stopping = True
         if runner.expiry:
             runner.expiry.cancel()
         if self.runners.get(runner.key) is runner:
             del self.runners[runner.key]
+        if reason is not None:
+            self.metrics.runner_evicted(reason)
+        model_id = runner.key.model_id
+        if not any(r.key.model_id == model_id for r in self.runners.values()):
+            self.recorder.forget(model_id)  # spec §9.2: the log goes with the model's runners
         self._notify()
 
-    def _evict(self, runner: Runner) -> asyncio.Future[Any]:
+    def _evict(self, runner: Runner, reason: str | None = None) -> asyncio.Future[Any]:
         """Forget the runner at once and stop its process (SIGINT, then SIGKILL)."""
-        self._forget(runner)
+        self._forget(runner, reason)
         loop = asyncio.get_running_loop()
         if runner.process is None:
             done: asyncio.Future[Any] = loop.create_future()

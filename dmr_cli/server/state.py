@@ -7,6 +7,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
+from dmr_cli.server.metrics import Metrics
+from dmr_cli.server.recorder import Recorder
 from dmr_cli.server.scheduler import Scheduler
 from dmr_cli.store import Store
 
@@ -17,6 +19,8 @@ MAX_CONCURRENT_PULLS = 2
 class State:
     store: Store
     scheduler: Scheduler
+    metrics: Metrics = field(default_factory=Metrics)
+    recorder: Recorder = field(default_factory=Recorder)
     pull_slots: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_PULLS)
     )
