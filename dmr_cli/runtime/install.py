@@ -152,7 +152,22 @@ def parse_version(text: str) -> tuple[str, str | None]:
     return version, None if commit in (None, "unknown") else commit
 
 
+_probed: dict[tuple[str, int, int], tuple[str, str | None] | None] = {}
+
+
 def probe_version(binary: Path, lib_dir: Path | None = None) -> tuple[str, str | None] | None:
+    """`binary --version`, once per build of the binary (discovery runs at every load)."""
+    try:
+        st = binary.stat()
+    except OSError:
+        return None
+    key = (str(binary), st.st_size, st.st_mtime_ns)
+    if key not in _probed:
+        _probed[key] = _run_version(binary, lib_dir)
+    return _probed[key]
+
+
+def _run_version(binary: Path, lib_dir: Path | None) -> tuple[str, str | None] | None:
     """Run `binary --version`; None when it does not run here."""
     env = dict(os.environ)
     if lib_dir is not None:

@@ -68,10 +68,12 @@ def create_app(store: Store) -> Starlette:
         app.state.dmr = state
         scheduler.detection = await asyncio.to_thread(state.detection)
         sweeper = asyncio.create_task(_sweep_partials(store))
+        warming = asyncio.create_task(asyncio.to_thread(scheduler.warm_up))
         try:
             yield
         finally:
             sweeper.cancel()
+            warming.cancel()
             await scheduler.shutdown()
 
     routes = [

@@ -219,6 +219,16 @@ class Scheduler:
         await asyncio.gather(*self._terminations, *self._watchers, return_exceptions=True)
         shutil.rmtree(self._socket_dir, ignore_errors=True)
 
+    def warm_up(self) -> None:
+        """Find the runner and read its flags before the first request needs them, so a
+        cold start costs the runner's own load time and little else. Blocking."""
+        from dmr_cli.runtime import install, llamacpp
+
+        with contextlib.suppress(DmrError, OSError):
+            binary = install.discover(self.detection)
+            if binary.kind == "native" and binary.path is not None:
+                llamacpp.flag_support(binary.path)
+
     # -- loading --------------------------------------------------------------------------
 
     async def _draft_model(self, config: RunnerConfig) -> Model | None:
