@@ -93,6 +93,9 @@ _READ = 1 * MiB  # most bytes one read returns; it returns as soon as any have a
 _HASH_READ = 4 * MiB
 _MONOLITHIC_UPLOAD_CHUNKS = 2  # blobs up to this many chunks go up in one PUT
 _STEAL_MIN = 4 * MiB  # never split off less than this
+# The last pieces are this small, so every connection finishes within a few milliseconds of
+# the others even when each one is rate-limited (the "stuck at 99 %" tail).
+_PIECE_MIN = 1 * MiB
 _STEAL_ALIGN = 64 * 1024
 _TICK = 0.1  # monitor: progress, cancel
 _RATE_INTERVAL = 0.5  # monitor: per-connection rates, stalls
@@ -1259,7 +1262,7 @@ class _BlobDownload:
         start, end = gap
         piece = end - start
         if self.parallel:
-            floor = max(_STEAL_MIN, self.client.chunk_size // 8)
+            floor = min(_PIECE_MIN, self.client.chunk_size)
             guided = self.unassigned // (2 * self.client.connections)
             piece = min(self.client.chunk_size, max(floor, guided))
             piece += -piece % _STEAL_ALIGN

@@ -52,6 +52,7 @@ class CountingProxy:
         self._connection_rate = connection_rate
         self._slow = bool(rate or connection_rate)
         self.downstream_bytes = 0  # server → client
+        self.marks: list[tuple[float, int]] = []  # (time, downstream bytes so far)
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = self._server.getsockname()[1]
@@ -81,6 +82,7 @@ class CountingProxy:
                 if pacer is not None:
                     with self._lock:
                         self.downstream_bytes += len(data)
+                        self.marks.append((time.monotonic(), self.downstream_bytes))
                     self._total.account(len(data))
                     pacer.account(len(data))
         except OSError:
