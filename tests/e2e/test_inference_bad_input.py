@@ -4,7 +4,6 @@ mid-stream, and many requests at once, against `dmr serve` with real runners."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from dmr_cli.store import Store
-from tests.helpers.daemon import Daemon, start_daemon
+from tests.helpers.daemon import Daemon, runner_env, runner_processes, start_daemon
 from tests.helpers.gguf_factory import make_tiny_llama
 
 BODY_LIMIT = 10 * 1024 * 1024
@@ -47,18 +46,6 @@ def chat_body(model: str, **extra: object) -> dict[str, object]:
         "max_tokens": 2,
         **extra,
     }
-
-
-def runner_processes(daemon: Daemon) -> list[psutil.Process]:
-    found = []
-    for child in psutil.Process(daemon.process.pid).children(recursive=True):
-        try:
-            cmdline = " ".join(child.cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if "llama-server" in cmdline or "embedded_server" in cmdline:
-            found.append(child)
-    return found
 
 
 def runners_of(daemon: Daemon, model: str) -> list[psutil.Process]:
@@ -184,15 +171,8 @@ def served(
 ) -> Iterator[tuple[Daemon, httpx.Client]]:
     """Two slots; three tiny models and one big enough to generate for minutes."""
     tmp = tmp_path_factory.mktemp(request.param)
-    env = {"DMR_RUNNER_DIR": str(tmp / "no-runners"), "DMR_SLOTS": "2"}
-    if request.param == "native":
-        env["LLAMA_SERVER_PATH"] = str(request.getfixturevalue("native_llama_server"))
-    else:
-        env["PATH"] = os.pathsep.join(
-            p
-            for p in os.environ["PATH"].split(os.pathsep)
-            if not (Path(p) / "llama-server").exists()
-        )
+    native = request.getfixturevalue("native_llama_server") if request.param == "native" else None
+    env = {**runner_env(request.param, tmp, native), "DMR_SLOTS": "2"}
     daemon = start_daemon(tmp / "home", **env)
     try:
         for seed, tag in enumerate(("ai/tiny", "ai/tiny2", "ai/tiny3")):

@@ -3,16 +3,14 @@ with both runner kinds: a native llama-server and the embedded engine (llama-cpp
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.helpers.daemon import Daemon, start_daemon
+from tests.helpers.daemon import Daemon, runner_env, start_daemon
 from tests.helpers.gguf_factory import make_tiny_embedder, make_tiny_llama
 
 PREFIXES = ["/engines/v1", "/engines/llama.cpp/v1", "/v1"]
@@ -29,15 +27,8 @@ def served(
 ) -> Iterator[tuple[str, Daemon]]:
     """One daemon per runner kind with a chat model (ai/tiny) and an embedding model (ai/emb)."""
     tmp = tmp_path_factory.mktemp(request.param)
-    env = {"DMR_RUNNER_DIR": str(tmp / "no-runners")}
-    if request.param == "native":
-        env["LLAMA_SERVER_PATH"] = str(request.getfixturevalue("native_llama_server"))
-    else:
-        env["PATH"] = os.pathsep.join(
-            p
-            for p in os.environ["PATH"].split(os.pathsep)
-            if not (Path(p) / "llama-server").exists()
-        )
+    native = request.getfixturevalue("native_llama_server") if request.param == "native" else None
+    env = runner_env(request.param, tmp, native)
     daemon = start_daemon(tmp / "home", **env)
     try:
         for path, tag in (

@@ -11,6 +11,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 from tests.helpers.registry import free_port
 
 
@@ -101,3 +103,32 @@ def start_daemon(home: Path, **extra_env: str) -> Daemon:
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("dmr serve did not become ready: " + (home / "daemon.log").read_text())
+
+
+def runner_env(kind: str, tmp: Path, llama_server: Path | None = None) -> dict[str, str]:
+    """Daemon settings that make it serve with `kind`: "native" (the given llama-server) or
+    "embedded" (no native runner installed or on PATH, so llama-cpp-python serves)."""
+    env = {"DMR_RUNNER_DIR": str(tmp / "no-runners")}
+    if kind == "native":
+        assert llama_server is not None
+        env["LLAMA_SERVER_PATH"] = str(llama_server)
+    else:
+        env["PATH"] = os.pathsep.join(
+            p
+            for p in os.environ["PATH"].split(os.pathsep)
+            if not (Path(p) / "llama-server").exists()
+        )
+    return env
+
+
+def runner_processes(daemon: Daemon) -> list[psutil.Process]:
+    """The daemon's runner processes (native llama-server or the embedded engine)."""
+    found = []
+    for child in psutil.Process(daemon.process.pid).children(recursive=True):
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        if "llama-server" in cmdline or "embedded_server" in cmdline:
+            found.append(child)
+    return found

@@ -4,7 +4,6 @@ engine (llama-cpp-python), both serving generated GGUF models through `dmr serve
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -16,7 +15,7 @@ import psutil
 import pytest
 
 from dmr_cli.store import Store
-from tests.helpers.daemon import Daemon, start_daemon
+from tests.helpers.daemon import Daemon, runner_env, runner_processes, start_daemon
 from tests.helpers.gguf_factory import make_tiny_llama
 
 # The generated vocabulary's end-of-generation tokens, </s> and <|im_end|>: banned so a long
@@ -27,18 +26,6 @@ NO_STOP = {"2": -100, "260": -100}
 def load_model(daemon: Daemon, path: Path, tag: str) -> None:
     result = daemon.cli("package", "--gguf", str(path), tag)
     assert result.returncode == 0, result.stderr
-
-
-def runner_processes(daemon: Daemon) -> list[psutil.Process]:
-    out = []
-    for child in psutil.Process(daemon.process.pid).children(recursive=True):
-        try:
-            cmdline = " ".join(child.cmdline())
-        except psutil.NoSuchProcess:
-            continue
-        if "llama-server" in cmdline or "embedded_server" in cmdline:
-            out.append(child)
-    return out
 
 
 def wait_for(condition: object, timeout: float = 20.0) -> None:
@@ -54,22 +41,14 @@ def chat(http: httpx.Client, model: str, **extra: object) -> httpx.Response:
 
 
 @pytest.fixture(params=["native", "embedded"])
-def runner_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
-    env = {"DMR_RUNNER_DIR": str(tmp_path / "no-runners")}
-    if request.param == "native":
-        env["LLAMA_SERVER_PATH"] = str(request.getfixturevalue("native_llama_server"))
-    else:
-        env["PATH"] = os.pathsep.join(
-            p
-            for p in os.environ["PATH"].split(os.pathsep)
-            if not (Path(p) / "llama-server").exists()
-        )
-    return env
+def kind_env(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    native = request.getfixturevalue("native_llama_server") if request.param == "native" else None
+    return runner_env(request.param, tmp_path, native)
 
 
 @pytest.fixture
-def served(tmp_path: Path, runner_env: dict[str, str]) -> Iterator[tuple[Daemon, httpx.Client]]:
-    daemon = start_daemon(tmp_path / "home", DMR_SLOTS="2", **runner_env)
+def served(tmp_path: Path, kind_env: dict[str, str]) -> Iterator[tuple[Daemon, httpx.Client]]:
+    daemon = start_daemon(tmp_path / "home", DMR_SLOTS="2", **kind_env)
     load_model(daemon, make_tiny_llama(tmp_path / "tiny.gguf"), "ai/tiny")
     load_model(daemon, make_tiny_llama(tmp_path / "tiny2.gguf", seed=1), "ai/tiny2")
     load_model(daemon, make_tiny_llama(tmp_path / "tiny3.gguf", seed=2), "ai/tiny3")
@@ -217,9 +196,9 @@ def test_memory_admission_refuses_an_oversized_context(
     assert runner_processes(daemon) == []
 
 
-def test_no_runner_survives_the_daemon(tmp_path: Path, runner_env: dict[str, str]) -> None:
+def test_no_runner_survives_the_daemon(tmp_path: Path, kind_env: dict[str, str]) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        daemon = start_daemon(tmp_path / f"home-{sig}", **runner_env)
+        daemon = start_daemon(tmp_path / f"home-{sig}", **kind_env)
         load_model(daemon, make_tiny_llama(tmp_path / "t.gguf"), "ai/tiny")
         with httpx.Client(base_url=daemon.url) as http:
             assert chat(http, "ai/tiny").status_code == 200
