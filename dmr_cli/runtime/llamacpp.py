@@ -161,26 +161,6 @@ def _run(binary: Path, flag: str, env: Mapping[str, str] | None) -> str | None:
     return (done.stdout + done.stderr).decode("utf-8", "replace")
 
 
-def binary_version(binary: Path, *, env: Mapping[str, str] | None = None) -> tuple[str, str | None]:
-    """(version, commit) from `<binary> --version`; ("unknown", None) when it cannot be read."""
-    return parse_version(_run(binary, "--version", env) or "")
-
-
-def parse_version(text: str) -> tuple[str, str | None]:
-    """Parse `version: 9879 (1a2b3c4)` (release builds) or
-    `version: 0.5.0-dev (build 9879, commit 1a2b3c4)` (newer builds)."""
-    match = re.search(r"version: (\d+) \((\w+)\)", text)
-    if match:
-        return f"b{match.group(1)}", match.group(2)
-    match = re.search(r"version: (\S+) \(build (\d+), commit (\w+)\)", text)
-    if match:
-        semver, build, commit = match.groups()
-        # Builds without git history (a source tarball) count 0 or 1 commits: no build number.
-        version = f"b{build}" if int(build) > 1 else semver
-        return version, None if commit == "unknown" else commit
-    return "unknown", None
-
-
 def physical_cores() -> int:
     """Physical CPU cores (hyper-threads share one core's arithmetic units)."""
     import psutil

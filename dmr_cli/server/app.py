@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from dmr_cli import __version__, config
+from dmr_cli.runtime.detect import detect
 from dmr_cli.server import (
     engines,
     inference,
@@ -63,10 +64,11 @@ def create_app(store: Store) -> Starlette:
         await asyncio.to_thread(store.ensure_layout)
         counters, log_book = metrics.Metrics(), recorder.Recorder()
         configs = await asyncio.to_thread(ConfigStore, store.root)
-        scheduler = Scheduler(store, configs, metrics=counters, recorder=log_book)
-        state = State(store=store, scheduler=scheduler, metrics=counters, recorder=log_book)
-        app.state.dmr = state
-        scheduler.detection = await asyncio.to_thread(state.detection)
+        detection = await asyncio.to_thread(detect)
+        scheduler = Scheduler(
+            store, configs, detection=detection, metrics=counters, recorder=log_book
+        )
+        app.state.dmr = State(store=store, scheduler=scheduler, metrics=counters, recorder=log_book)
         sweeper = asyncio.create_task(_sweep_partials(store))
         warming = asyncio.create_task(asyncio.to_thread(scheduler.warm_up))
         try:

@@ -25,7 +25,7 @@ def backend_status(state: State) -> dict[str, str]:
     from dmr_cli.runtime import install
 
     try:
-        binary = install.discover(state.detection())
+        binary = install.discover(state.scheduler.detection)
     except DmrError as exc:
         llama = f"Not Installed: {exc.message}"
     else:
@@ -36,7 +36,7 @@ def backend_status(state: State) -> dict[str, str]:
             )
         else:
             commit = f" {binary.commit}" if binary.commit else ""
-            accelerator = state.detection().accelerator
+            accelerator = state.scheduler.detection.accelerator
             llama = (
                 f"Running: llama.cpp {binary.version}-{binary.variant} "
                 f"(accelerator: {accelerator}){commit}"
@@ -55,7 +55,7 @@ async def runtime(request: Request) -> Response:
     from dmr_cli.runtime import install
 
     state: State = request.app.state.dmr
-    detection = await asyncio.to_thread(state.detection)
+    detection = state.scheduler.detection
     runner: dict[str, Any] | None
     try:
         binary = await asyncio.to_thread(install.discover, detection)

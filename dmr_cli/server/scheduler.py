@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from dmr_cli import config as settings
 from dmr_cli.errors import Conflict, DmrError, ModelNotFound
 from dmr_cli.runtime import memory
 from dmr_cli.runtime.config import RunnerConfig
+from dmr_cli.runtime.detect import Detection, free_memory
 from dmr_cli.runtime.flags import format_keep_alive
 from dmr_cli.runtime.process import EngineLog, RunnerProcess, wait_healthy
 from dmr_cli.server.configs import ConfigKey, ConfigStore
@@ -104,27 +104,24 @@ class Scheduler:
         store: Store,
         configs: ConfigStore,
         *,
-        slots: int | None = None,
-        engine_log: EngineLog | None = None,
-        memory_probe: Callable[[], int] | None = None,
-        metrics: Metrics | None = None,
-        recorder: Recorder | None = None,
+        detection: Detection,
+        metrics: Metrics,
+        recorder: Recorder,
     ) -> None:
         self.store = store
         self.configs = configs
-        self.slots = slots or int(settings.env("DMR_SLOTS") or 0) or min(os.cpu_count() or 1, 8)
+        self.detection = detection
+        self.metrics = metrics
+        self.recorder = recorder
+        self.slots = int(settings.env("DMR_SLOTS") or 0) or min(os.cpu_count() or 1, 8)
         self.runners: dict[RunnerKey, Runner] = {}
         self._changed = asyncio.Condition()
         self._socket_dir = Path(tempfile.mkdtemp(prefix="dmr-runners-"))
         self._socket_seq = 0
-        self._engine_log = engine_log or EngineLog(settings.log_dir() / ENGINE_LOG)
-        self._memory_probe = memory_probe
+        self._engine_log = EngineLog(settings.log_dir() / ENGINE_LOG)
         self._watchers: set[asyncio.Task[None]] = set()
         self._terminations: set[asyncio.Future[Any]] = set()
         self._stopping: set[Runner] = set()
-        self.detection: Any = None
-        self.metrics = metrics or Metrics()
-        self.recorder = recorder or Recorder()
 
     # -- public API -----------------------------------------------------------------------
 
@@ -266,10 +263,6 @@ class Scheduler:
             await evicted
 
     def _available_memory(self) -> int:
-        if self._memory_probe is not None:
-            return self._memory_probe()
-        from dmr_cli.runtime.detect import free_memory
-
         ram, vram = free_memory(self.detection)
         return vram if vram is not None else ram
 
@@ -299,10 +292,6 @@ class Scheduler:
         try:
             context_size = self._context_size(model, config)
             runner.memory = await self._admit(model, context_size)
-            if self.detection is None:
-                from dmr_cli.runtime.detect import detect
-
-                self.detection = await asyncio.to_thread(detect)
             binary = await asyncio.to_thread(install.discover, self.detection)
             runner.embedded = binary.kind == "embedded"
             argv, env = await asyncio.to_thread(
@@ -377,7 +366,7 @@ class Scheduler:
             mmproj=files.get("mmproj"),
             draft_model=draft_path,
             supported=llamacpp.flag_support(binary.path, env=env),
-            accelerator=getattr(self.detection, "accelerator", "cpu"),
+            accelerator=self.detection.accelerator,
             base_args=llamacpp.split_llama_args(base) if base else None,
         )
         return [str(binary.path), *args], env

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from dataclasses import dataclass, field
-from typing import Any
 
 from dmr_cli.server.metrics import Metrics
 from dmr_cli.server.recorder import Recorder
@@ -24,13 +22,3 @@ class State:
     pull_slots: asyncio.Semaphore = field(
         default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_PULLS)
     )
-
-    @functools.cached_property
-    def _detection(self) -> Any:
-        from dmr_cli.runtime.detect import detect
-
-        return detect()
-
-    def detection(self) -> Any:
-        """The accelerator, detected once (DMR_GPU overrides); blocking: call in a thread."""
-        return self._detection

@@ -16,7 +16,7 @@ import pytest
 
 from dmr_cli.store import Store
 from tests.helpers.daemon import Daemon, runner_env, runner_processes, start_daemon
-from tests.helpers.gguf_factory import make_tiny_llama
+from tests.helpers.gguf_factory import make_slow_llama, make_tiny_llama
 
 BODY_LIMIT = 10 * 1024 * 1024
 # One route per mode and per prefix spelling.
@@ -177,10 +177,7 @@ def served(
     try:
         for seed, tag in enumerate(("ai/tiny", "ai/tiny2", "ai/tiny3")):
             package(daemon, make_tiny_llama(tmp / f"{seed}.gguf", seed=seed), tag)
-        slow = make_tiny_llama(
-            tmp / "slow.gguf", n_embd=512, n_layer=4, n_head=8, n_head_kv=4, n_ff=2048,
-            context_length=4096,
-        )  # fmt: skip
+        slow = make_slow_llama(tmp / "slow.gguf")
         package(daemon, slow, "ai/slow")
         with httpx.Client(base_url=daemon.url, timeout=120) as client:
             yield daemon, client

@@ -26,7 +26,7 @@ import pexpect  # type: ignore[import-untyped]
 import pytest
 
 from tests.helpers.daemon import Daemon, start_daemon
-from tests.helpers.gguf_factory import make_tiny_llama
+from tests.helpers.gguf_factory import make_slow_llama, make_tiny_llama
 from tests.helpers.registry import RunningRegistry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -280,15 +280,7 @@ def test_interactive_chat(served: Daemon, tmp_path: Path) -> None:
 @pytest.fixture
 def endless(served: Daemon, tmp_path: Path) -> str:
     """A model slow enough to interrupt, told to never stop (`--ignore-eos`)."""
-    slow = make_tiny_llama(
-        tmp_path / "slow.gguf",
-        n_embd=512,
-        n_layer=4,
-        n_head=8,
-        n_head_kv=4,
-        n_ff=2048,
-        context_length=4096,
-    )
+    slow = make_slow_llama(tmp_path / "slow.gguf")
     ok(served.cli("package", "--gguf", str(slow), "ai/slow"))
     ok(served.cli("configure", "ai/slow", "--", "--ignore-eos"))
     return "ai/slow"

@@ -64,6 +64,14 @@ def make_tiny_llama(
     return path
 
 
+def make_slow_llama(path: Path) -> Path:
+    """The tiny llama made big enough (~16M parameters) to generate for seconds on a CPU: for
+    tests that must catch a runner in the middle of a long answer."""
+    return make_tiny_llama(
+        path, n_embd=512, n_layer=4, n_head=8, n_head_kv=4, n_ff=2048, context_length=4096
+    )
+
+
 def make_sharded(path_prefix: Path, n_shards: int, **model: Any) -> list[Path]:
     """Write the tiny llama as `<prefix>-0000i-of-0000N.gguf` split files (llama.cpp format).
 

@@ -60,23 +60,32 @@ def hand_artifact(
     return HandArtifact(manifest=manifest, config=config, layers=layers)
 
 
+def push_blob(client: httpx.Client, repo: str, blob: bytes) -> None:
+    """A monolithic upload through the distribution API, independent of dmr's client."""
+    start = client.post(f"/v2/{repo}/blobs/uploads/")
+    assert start.status_code == 202, start.text
+    location = start.headers["location"]
+    separator = "&" if "?" in location else "?"
+    put = client.put(
+        f"{location}{separator}digest={digest_of(blob)}",
+        content=blob,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    assert put.status_code == 201, put.text
+
+
+def put_manifest(
+    client: httpx.Client, repo: str, reference: str, manifest: bytes, media_type: str
+) -> None:
+    put = client.put(
+        f"/v2/{repo}/manifests/{reference}", content=manifest, headers={"Content-Type": media_type}
+    )
+    assert put.status_code == 201, put.text
+
+
 def push_hand_artifact(registry_url: str, repo: str, tag: str, art: HandArtifact) -> None:
     """A minimal pusher speaking the distribution API directly (monolithic uploads)."""
     with httpx.Client(base_url=registry_url, timeout=60) as client:
         for blob in [*art.layers, art.config]:
-            start = client.post(f"/v2/{repo}/blobs/uploads/")
-            assert start.status_code == 202, start.text
-            location = start.headers["location"]
-            separator = "&" if "?" in location else "?"
-            put = client.put(
-                f"{location}{separator}digest={digest_of(blob)}",
-                content=blob,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            assert put.status_code == 201, put.text
-        put = client.put(
-            f"/v2/{repo}/manifests/{tag}",
-            content=art.manifest,
-            headers={"Content-Type": OCI_MANIFEST},
-        )
-        assert put.status_code == 201, put.text
+            push_blob(client, repo, blob)
+        put_manifest(client, repo, tag, art.manifest, OCI_MANIFEST)

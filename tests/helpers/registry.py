@@ -42,12 +42,17 @@ class RunningRegistry:
                 self.process.wait()
 
 
-def start_registry(tmp_path: Path, htpasswd: tuple[str, str] | None = None) -> RunningRegistry:
-    """Start the registry with a temp root; `htpasswd=(user, password)` turns on basic auth."""
-    root = tmp_path / "registry"
+def start_registry(
+    tmp_path: Path,
+    htpasswd: tuple[str, str] | None = None,
+    auth: str = "",
+    name: str = "registry",
+) -> RunningRegistry:
+    """Start the registry with a temp root. `htpasswd=(user, password)` turns on basic auth;
+    `auth` is a raw `auth:` YAML block for other schemes (token auth)."""
+    root = tmp_path / name
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    auth = ""
     if htpasswd:
         # htpasswd (apache2-utils) writes the bcrypt entries the registry requires.
         entry = subprocess.run(

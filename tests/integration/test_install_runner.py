@@ -4,7 +4,6 @@ and (slow) llama-server built from source through the CLI, with a build cache ke
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -25,6 +24,7 @@ from dmr_cli.runtime import build, install
 from dmr_cli.runtime.detect import Detection
 from dmr_cli.runtime.install import UnsafeLayer, extract_layer, host_platform, install_from_image
 from tests.helpers.daemon import isolated_env
+from tests.helpers.oci import digest_of, push_blob, put_manifest
 from tests.helpers.registry import RunningRegistry, free_port
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -36,10 +36,6 @@ REPO = "docker/docker-model-backend-llamacpp"
 SYSTEM, ARCH = host_platform()
 PREFIX = f"com.docker.llama-server.native.{SYSTEM}.cpu.{ARCH}"
 FAKE_SERVER = b"#!/bin/sh\necho 'version: 1234 (abcdef0)' >&2\necho 'built with cc for test' >&2\n"
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -136,22 +132,8 @@ def push(registry: RunningRegistry, tag: str, img: Image, repo: str = REPO) -> N
             for child in item.children:
                 put(child, child.digest)
             for blob in item.blobs:
-                start = client.post(f"/v2/{repo}/blobs/uploads/")
-                assert start.status_code == 202, start.text
-                location = start.headers["location"]
-                separator = "&" if "?" in location else "?"
-                done = client.put(
-                    f"{location}{separator}digest={digest_of(blob)}",
-                    content=blob,
-                    headers={"Content-Type": "application/octet-stream"},
-                )
-                assert done.status_code == 201, done.text
-            done = client.put(
-                f"/v2/{repo}/manifests/{reference}",
-                content=item.manifest,
-                headers={"Content-Type": item.media_type},
-            )
-            assert done.status_code == 201, done.text
+                push_blob(client, repo, blob)
+            put_manifest(client, repo, reference, item.manifest, item.media_type)
 
         put(img, tag)
 

@@ -37,7 +37,7 @@ from dmr_cli.errors import (
 )
 from dmr_cli.reference import Reference, parse_reference
 from tests.helpers.proxy import CountingProxy
-from tests.helpers.registry import REGISTRY_BIN, RunningRegistry, free_port
+from tests.helpers.registry import RunningRegistry, free_port, start_registry
 
 MiB = 1024 * 1024
 CONFIG_TYPE = "application/vnd.docker.ai.model.config.v0.1+json"
@@ -979,43 +979,19 @@ class TokenServer:
 @pytest.fixture
 def token_registry(tmp_path: Path) -> Iterator[tuple[str, TokenServer]]:
     tokens = TokenServer(tmp_path, "dmr", "t0ken-pass")
-    root = tmp_path / "token-registry"
-    root.mkdir()
-    port = free_port()
-    (root / "config.yml").write_text(
-        f"""version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: {root / "data"}
-http:
-  addr: 127.0.0.1:{port}
-auth:
+    registry = start_registry(
+        tmp_path,
+        name="token-registry",
+        auth=f"""auth:
   token:
     realm: {tokens.url}
     service: dmr-test-registry
     issuer: dmr-test-issuer
     rootcertbundle: {tokens.cert}
-"""
+""",
     )
-    log = open(root / "registry.log", "wb")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen(
-        [REGISTRY_BIN, "serve", str(root / "config.yml")], stdout=log, stderr=log
-    )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1)
-            break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield f"127.0.0.1:{port}", tokens
-    proc.terminate()
-    proc.wait(10)
-    log.close()
+    yield registry.host, tokens
+    registry.stop()
     tokens.close()
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from dmr_cli.store import Store
 from tests.helpers.daemon import Daemon, runner_env, runner_processes, start_daemon
-from tests.helpers.gguf_factory import make_tiny_llama
+from tests.helpers.gguf_factory import make_slow_llama, make_tiny_llama
 
 # The generated vocabulary's end-of-generation tokens, </s> and <|im_end|>: banned so a long
 # generation really is long.
@@ -133,15 +133,7 @@ def test_runner_killed_mid_request_fails_fast_and_recovers(
     served: tuple[Daemon, httpx.Client], tmp_path: Path
 ) -> None:
     daemon, http = served
-    slow = make_tiny_llama(
-        tmp_path / "slow.gguf",
-        n_embd=512,
-        n_layer=4,
-        n_head=8,
-        n_head_kv=4,
-        n_ff=2048,
-        context_length=4096,
-    )
+    slow = make_slow_llama(tmp_path / "slow.gguf")
     load_model(daemon, slow, "ai/slow")
     responses: list[httpx.Response] = []
     request = threading.Thread(

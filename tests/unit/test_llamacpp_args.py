@@ -18,17 +18,16 @@ import pytest
 
 from dmr_cli.errors import BadRequest, DmrError
 from dmr_cli.runtime.config import RunnerConfig, SpeculativeConfig
+from dmr_cli.runtime.install import parse_version, probe_version
 from dmr_cli.runtime.llamacpp import (
     DEFAULT_PARALLEL,
     FlagSupport,
-    binary_version,
     build_args,
     context_size,
     embedded_args,
     flag_support,
     friendly_error,
     parse_help,
-    parse_version,
     split_llama_args,
 )
 
@@ -357,8 +356,8 @@ def test_parse_version(output: str, version: tuple[str, str | None]) -> None:
 
 def test_binary_version_reads_stderr(tmp_path: Path) -> None:
     binary = fake_binary(tmp_path, 'echo "version: 9879 (1a2b3c4)" >&2')
-    assert binary_version(binary) == ("b9879", "1a2b3c4")
-    assert binary_version(tmp_path / "missing") == ("unknown", None)
+    assert probe_version(binary) == ("b9879", "1a2b3c4")
+    assert probe_version(tmp_path / "missing") is None
 
 
 # -- failures ---------------------------------------------------------------------------------
