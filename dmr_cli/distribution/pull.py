@@ -90,7 +90,7 @@ class LayerProgress:
         )
 
 
-def _registry_client(bearer_token: str | None) -> Any:
+def registry_client(bearer_token: str | None) -> Any:
     from dmr_cli.distribution.registry import RegistryClient
 
     return RegistryClient(
@@ -125,7 +125,7 @@ def pull(
         return _pull_huggingface(store, ref, progress, bearer_token, cancel)
     from dmr_cli.distribution.artifact import check_config_media_type
 
-    client = _registry_client(bearer_token)
+    client = registry_client(bearer_token)
     try:
         digest, raw, _ = client.get_manifest(ref)
         manifest = json.loads(raw)

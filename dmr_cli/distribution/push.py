@@ -10,9 +10,9 @@ from typing import Any
 from dmr_cli.distribution.pull import (
     LayerProgress,
     Progress,
-    _registry_client,
     event,
     parse_pull_reference,
+    registry_client,
 )
 from dmr_cli.errors import InvalidReference, StoreError
 from dmr_cli.reference import Reference
@@ -61,7 +61,7 @@ def _push_blobs(
 ) -> None:
     if ref.is_huggingface:
         raise InvalidReference("pushing to Hugging Face is not supported; push to an OCI registry")
-    client = _registry_client(bearer_token)
+    client = registry_client(bearer_token)
     total = sum(size for _, _, size in blobs)
     try:
         for digest, source, size in blobs:

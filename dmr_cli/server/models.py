@@ -22,6 +22,7 @@ from dmr_cli.server.http import (
     text_error,
 )
 from dmr_cli.server.state import State
+from dmr_cli.store.fsutil import disk_used
 
 POST_ACTIONS = ("tag", "push", "repackage")
 
@@ -107,11 +108,11 @@ async def inspect_model(request: Request, ref: str) -> Response:
 
 
 def _inspect_remote(value: str) -> dict[str, Any]:
-    from dmr_cli.distribution.pull import _registry_client, parse_pull_reference
+    from dmr_cli.distribution.pull import parse_pull_reference, registry_client
     from dmr_cli.store.model import Model
 
     ref = parse_pull_reference(value)
-    client = _registry_client(None)
+    client = registry_client(None)
     try:
         digest, raw, _ = client.get_manifest(ref)
         manifest = json.loads(raw)
@@ -249,7 +250,7 @@ async def export_model(request: Request, ref: str) -> Response:
 async def disk_usage(request: Request) -> Response:
     state: State = request.app.state.dmr
     usage = await asyncio.to_thread(state.store.disk_usage)
-    runners = await asyncio.to_thread(_dir_size, config.runner_dir())
+    runners = await asyncio.to_thread(disk_used, config.runner_dir())
     return json_response(
         {
             "models_disk_usage": usage.models,
@@ -257,23 +258,6 @@ async def disk_usage(request: Request) -> Response:
             "reclaimable": usage.reclaimable,
         }
     )
-
-
-def _dir_size(path: Any) -> int:
-    import os
-
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for dirpath, _, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
 
 
 class AsyncBodyReader:

@@ -81,3 +81,24 @@ class IndexLock:
                     fcntl.flock(self._fd, fcntl.LOCK_UN)
                     os.close(self._fd)
                     self._fd = None
+
+
+def file_footprint(st: os.stat_result) -> int:
+    """Bytes a file occupies on disk (sparse partial downloads count what is written)."""
+    return st.st_blocks * 512 if st.st_blocks else st.st_size
+
+
+def disk_used(root: Path) -> int:
+    """`du` of a tree: each (device, inode) once, so hard links are not counted twice."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += file_footprint(st)
+    return total

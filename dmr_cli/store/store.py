@@ -42,7 +42,13 @@ from dmr_cli.reference import (
     try_canonical,
     validate_digest,
 )
-from dmr_cli.store.fsutil import IndexLock, atomic_write, fsync_dir, translate_os_errors
+from dmr_cli.store.fsutil import (
+    IndexLock,
+    atomic_write,
+    file_footprint,
+    fsync_dir,
+    translate_os_errors,
+)
 from dmr_cli.store.model import IndexEntry, Model, load_json
 
 LAYOUT_VERSION = "1.0.0"
@@ -395,7 +401,7 @@ class Store:
             except FileNotFoundError:
                 continue
             key = (st.st_dev, st.st_ino)
-            sizes[key] = st.st_blocks * 512 if st.st_blocks else st.st_size
+            sizes[key] = file_footprint(st)
             if key not in seen:
                 seen.add(key)
                 total += sizes[key]
