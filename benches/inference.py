@@ -35,6 +35,7 @@ from tests.helpers.daemon import isolated_env
 from tests.helpers.gguf_factory import make_tiny_llama
 
 NO_STOP = {"2": -100, "260": -100}  # ban the generated vocabulary's end tokens
+PARTS = ("overhead", "streaming", "concurrency", "cache", "cold")
 
 
 async def exchange(sock: str, body: dict[str, object]) -> tuple[float, list[float], bytes]:
@@ -184,6 +185,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--stream-runs", type=int, default=10)
     parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma list of parts to run, of {', '.join(PARTS)}",
+    )
+    parser.add_argument(
         "--llama-server",
         default=str(Path.home() / ".cache/dmr-test/runners/cpu/bin/llama-server"),
     )
@@ -235,11 +241,17 @@ async def run_all(
     (direct_tiny,) = runner_sockets(pid)
     await exchange(sock, chat("ai/smol", 1))
     (direct_smol,) = runner_sockets(pid) - {direct_tiny}
-    await overhead(sock, direct_tiny, args.runs)
-    await streaming(sock, direct_smol, args.stream_runs)
-    await concurrency(sock, direct_smol)
-    await prompt_cache(sock)
-    await cold_start(args.llama_server, tiny, cold_total)
+    parts = set(args.only.split(","))
+    if "overhead" in parts:
+        await overhead(sock, direct_tiny, args.runs)
+    if "streaming" in parts:
+        await streaming(sock, direct_smol, args.stream_runs)
+    if "concurrency" in parts:
+        await concurrency(sock, direct_smol)
+    if "cache" in parts:
+        await prompt_cache(sock)
+    if "cold" in parts:
+        await cold_start(args.llama_server, tiny, cold_total)
 
 
 async def cold_start(binary: str, model: Path, dmr_first_token: float) -> None:

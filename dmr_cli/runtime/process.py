@@ -24,6 +24,8 @@ from typing import IO
 _PR_SET_PDEATHSIG = 1
 HEALTH_POLL_INTERVAL = 0.005  # DMR polls every 500 ms; a ready runner should be used at once
 STDERR_TAIL = 64
+PIPE_READ = 64 * 1024
+LOG_BATCH = 0.02  # seconds the engine-log pump lets output gather between reads
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -45,10 +47,15 @@ class EngineLog:
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - lives as long as the daemon
 
     def write(self, line: bytes) -> None:
+        self.write_lines([line])
+
+    def write_lines(self, lines: Sequence[bytes]) -> None:
+        """One write for many lines: llama-server logs a dozen lines per request."""
         now = datetime.now(timezone.utc)
-        stamp = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}000Z"
+        prefix = f"[{now:%Y-%m-%dT%H:%M:%S}.{now.microsecond:06d}000Z] ".encode()
+        data = b"".join(prefix + line.rstrip(b"\r\n") + b"\n" for line in lines)
         with self._lock:
-            self._file.write(f"[{stamp}] ".encode() + line.rstrip(b"\r\n") + b"\n")
+            self._file.write(data)
 
     def close(self) -> None:
         self._file.close()
@@ -59,7 +66,7 @@ class RunnerProcess:
         self.popen = popen
         self.name = name
         self._log = log
-        self._tail: deque[str] = deque(maxlen=STDERR_TAIL)
+        self._tail: deque[bytes] = deque(maxlen=STDERR_TAIL)
         self._reader = threading.Thread(target=self._pump, args=(popen.stdout,), daemon=True)
         self._reader.start()
 
@@ -88,11 +95,26 @@ class RunnerProcess:
         return cls(popen, log, name)
 
     def _pump(self, stream: IO[bytes] | None) -> None:
+        """Copy the runner's output to the engine log.
+
+        llama-server writes a dozen lines per request, one write each. Waking for every one
+        costs the daemon more CPU than relaying the request, and contends for the GIL with
+        the event loop; so the pump reads what is there, then naps, and the pipe collects
+        the next batch meanwhile (timestamps lag by at most the nap).
+        """
         if stream is None:
             return
-        for line in iter(stream.readline, b""):
-            self._log.write(line)
-            self._tail.append(line.decode("utf-8", "replace").rstrip())
+        fd, partial = stream.fileno(), b""
+        while chunk := os.read(fd, PIPE_READ):
+            lines = (partial + chunk).split(b"\n")
+            partial = lines.pop()
+            if lines:
+                self._log.write_lines(lines)
+                self._tail.extend(lines[-STDERR_TAIL:])
+            time.sleep(LOG_BATCH)
+        if partial:
+            self._log.write(partial)
+            self._tail.append(partial)
         stream.close()
 
     @property
@@ -104,7 +126,8 @@ class RunnerProcess:
 
     def output_tail(self, limit: int = 4096) -> str:
         self._reader.join(timeout=0.5)  # let the last lines of a dead process arrive
-        return "\n".join(self._tail)[-limit:]
+        tail = b"\n".join(line.rstrip(b"\r") for line in self._tail)
+        return tail.decode("utf-8", "replace")[-limit:]
 
     def terminate(self, grace: float = 5.0) -> int:
         """SIGINT (llama-server shuts down cleanly on it), then SIGKILL after `grace`."""

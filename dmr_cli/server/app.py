@@ -1,4 +1,4 @@
-"""The daemon: a Starlette app in DMR's routing shape, served by uvicorn."""
+"""The daemon: a Starlette app in DMR's routing shape, served by dmr's lean HTTP server."""
 
 from __future__ import annotations
 
@@ -165,7 +165,7 @@ def setup_logging() -> None:
 
 
 def run(host: str, port: int | None, socket: str | None, models_path: Path) -> None:
-    import uvicorn
+    from dmr_cli.server import httpserver
 
     setup_logging()
     store = Store(models_path)
@@ -181,13 +181,5 @@ def run(host: str, port: int | None, socket: str | None, models_path: Path) -> N
                 "listening on %s: anyone who can reach this address can use the daemon", host
             )
     log.info("dmr %s serving %s (models: %s)", __version__, bind, models_path)
-    uvicorn.run(
-        app,
-        host=host,
-        port=port or config.DEFAULT_PORT,
-        uds=socket,
-        log_level="warning",
-        access_log=False,
-        timeout_graceful_shutdown=5,
-    )
+    httpserver.run(app, host, port or config.DEFAULT_PORT, socket)
     log.info("Docker Model Runner stopped")

@@ -94,9 +94,9 @@ async def handle(
             recording = record.wrap_send(send)
             if runner.embedded:
                 async with runner.turn:
-                    await _relay(runner, path, headers, body, recording, receive)
+                    await _relay(runner, path, headers, body, recording, receive, scope)
             else:
-                await _relay(runner, path, headers, body, recording, receive)
+                await _relay(runner, path, headers, body, recording, receive, scope)
         finally:
             record.finish()
             state.metrics.request_done(path, record.status_code, record.ttfb)
@@ -111,10 +111,17 @@ def _answer(state: State, send: Send, path: str, status: int, message: str) -> A
 
 
 async def _relay(
-    runner: Runner, path: str, headers: dict[str, str], body: bytes, send: Send, receive: Receive
+    runner: Runner,
+    path: str,
+    headers: dict[str, str],
+    body: bytes,
+    send: Send,
+    receive: Receive,
+    scope: Scope,
 ) -> None:
+    hook = scope.get("extensions", {}).get("dmr.hang_up")
     try:
-        await relay(runner.socket, "POST", path, headers, body, send, receive)
+        await relay(runner.socket, "POST", path, headers, body, send, receive, hook)
     except UpstreamError as exc:
         # DMR's shape for a runner that went away before answering (spec §2.6 step 10).
         error: dict[str, Any] = {

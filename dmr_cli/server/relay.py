@@ -3,15 +3,23 @@
 Plain asyncio instead of an HTTP client library: the body goes out unchanged, every chunk
 the runner writes is handed to the client as soon as it is read (no buffering, so no added
 gap between tokens), and a client that hangs up closes the runner connection, which makes
-llama-server stop generating. Each exchange uses a fresh connection: connecting to a Unix
-socket costs microseconds, and llama-server closes connections after streamed responses, so
-a pool would only add the risk of sending on a connection the runner already closed.
+llama-server stop generating. The runner connection is a bare protocol whose bytes land in
+one buffer that the relay parses in place: every request passes here, and asyncio's stream
+classes cost several times more per exchange.
+
+Connections are reused, which spares the runner an accept and a thread hand-off per request,
+but only when reuse cannot fail: after a complete length-delimited answer that did not say
+`Connection: close` (llama-server closes after streamed answers, and says so when its
+per-connection request budget runs out), and within a second, well inside the 5 s after
+which llama-server and uvicorn drop idle connections. A request is never sent twice: there
+is nothing to retry because nothing is sent on a connection that may be closing. At most two
+idle connections per runner, so they never hold many of llama-server's HTTP threads.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from starlette.types import Receive, Send
@@ -27,16 +35,115 @@ _NOT_PASSED = {
     b"proxy-connection",
     b"access-control-allow-origin",  # the daemon decides CORS, not the runner (spec §2.1)
 }
-_FORWARDED = ("accept", "authorization", "x-api-key", "anthropic-version")
-READ_SIZE = 64 * 1024
+# Client headers a runner uses. Credentials for dmr itself stay here.
+_FORWARDED = ("accept", "anthropic-version", "anthropic-beta")
+HIGH_WATER = 1 << 20  # stop reading from a runner whose client is slower than it
+HEAD_LIMIT = 64 * 1024
+REUSE_WINDOW = 1.0  # seconds an idle runner connection is kept for reuse
+IDLE_PER_RUNNER = 2
 RUNNER_DIED_EVENT = (
     b'data: {"error":{"message":"the runner exited unexpectedly","type":"server_error",'
     b'"code":500}}\n\n'
 )
 
+# How a server tells the relay that the client went away, without a task per request
+# watching `receive()`: `on_hang_up(callback)` arms it, `on_hang_up(None)` disarms it.
+HangUpHook = Callable[[Callable[[], None] | None], None]
+
 
 class UpstreamError(Exception):
     """The runner closed the connection or could not be reached."""
+
+
+class _Connection(asyncio.Protocol):
+    """A connection to a runner: what arrives is appended to `buffer`."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.closed = False
+        self.paused = False
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[None] | None = None
+        self.expiry: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > HIGH_WATER and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Wait until more bytes arrived; UpstreamError when the runner closed instead."""
+        if self.closed:
+            raise UpstreamError("the runner closed the connection mid-answer")
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        self.waiter = asyncio.get_running_loop().create_future()
+        await self.waiter
+
+    def take(self, size: int) -> bytes:
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+_idle: dict[Path, list[_Connection]] = {}
+
+
+async def _connect(socket: Path) -> _Connection:
+    pool = _idle.get(socket)
+    while pool:
+        conn = pool.pop()
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+        if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+            return conn
+        conn.close()
+    try:
+        _, conn = await asyncio.get_running_loop().create_unix_connection(_Connection, str(socket))
+    except OSError as exc:
+        raise UpstreamError(f"runner socket unavailable: {exc.strerror or exc}") from exc
+    return conn
+
+
+def _keep(socket: Path, conn: _Connection) -> None:
+    pool = _idle.setdefault(socket, [])
+    if len(pool) >= IDLE_PER_RUNNER or conn.buffer:
+        conn.close()
+        return
+    conn.expiry = asyncio.get_running_loop().call_later(REUSE_WINDOW, _expire, socket, conn)
+    pool.append(conn)
+
+
+def _expire(socket: Path, conn: _Connection) -> None:
+    pool = _idle.get(socket, [])
+    if conn in pool:
+        pool.remove(conn)
+    if not pool:
+        _idle.pop(socket, None)
+    conn.close()
 
 
 async def relay(
@@ -47,56 +154,63 @@ async def relay(
     body: bytes,
     send: Send,
     receive: Receive,
+    on_hang_up: HangUpHook | None = None,
 ) -> int:
     """Send the request to the runner and stream its response to the ASGI `send`.
 
-    Returns the runner's status. Raises UpstreamError when nothing was sent to the client
-    yet; after the response started, a failure just ends the body early.
+    Returns the runner's status (499 when the client went away). Raises UpstreamError when
+    nothing was sent to the client yet; after the response started, a failure just ends the
+    body early.
     """
     # The daemon parsed the body as JSON already; saying so spares runners that check the
     # header (llama-cpp-python does) from clients that send none (`curl -d`).
-    head = [
-        f"{method} {path} HTTP/1.1",
-        "Host: localhost",
-        "Connection: close",
-        "Content-Type: application/json",
-    ]
+    head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Content-Type: application/json"]
     head += [f"{name}: {headers[name]}" for name in _FORWARDED if name in headers]
     head.append(f"Content-Length: {len(body)}")
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
-    try:
-        reader, writer = await asyncio.open_unix_connection(str(socket), limit=1 << 20)
-    except OSError as exc:
-        raise UpstreamError(f"runner socket unavailable: {exc.strerror or exc}") from exc
-    # One watcher per exchange: when the client hangs up it cancels the relay, which closes
-    # the runner connection, and llama-server stops generating.
+    conn = await _connect(socket)
     relaying = asyncio.current_task()
     assert relaying is not None
+    hung_up = active = False
+
+    def hang_up() -> None:
+        nonlocal hung_up
+        if active and not hung_up:
+            hung_up = True
+            relaying.cancel()  # closes the runner connection below: llama-server stops
+
     active = True
-
-    def hang_up(watcher: asyncio.Task[None]) -> None:
-        if active and not watcher.cancelled():
-            relaying.cancel()
-
-    watcher = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
-    watcher.add_done_callback(hang_up)
+    watcher = None
+    if on_hang_up is not None:
+        on_hang_up(hang_up)
+    else:  # no hook (in-process calls): a task watches `receive()` instead
+        watcher = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
+        watcher.add_done_callback(lambda task: None if task.cancelled() else hang_up())
+    reusable = False
     try:
-        writer.write(request)
-        status, response_headers = await _read_head(reader)
+        assert conn.transport is not None
+        conn.transport.write(request)
+        status, response_headers = await _read_head(conn)
         # Content-Length passes (the body is relayed byte for byte); chunked framing is
         # redone by the server; CORS is the daemon's to answer, not the runner's.
         passed = [(k, v) for k, v in response_headers if k not in _NOT_PASSED]
         await send({"type": "http.response.start", "status": status, "headers": passed})
-        await _pump(reader, response_headers, send)
+        reusable = await _pump(conn, dict(response_headers), send)
         return status
     except asyncio.CancelledError:
-        if watcher.done() and not watcher.cancelled():
-            return 499  # the client went away
+        if hung_up:
+            return 499
         raise
     finally:
         active = False
-        watcher.cancel()
-        writer.close()
+        if on_hang_up is not None:
+            on_hang_up(None)
+        if watcher is not None:
+            watcher.cancel()
+        if reusable:
+            _keep(socket, conn)
+        else:
+            conn.close()
 
 
 async def _wait_disconnect(receive: Receive) -> None:
@@ -104,49 +218,81 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, list[tuple[bytes, bytes]]]:
-    try:
-        status_line = await reader.readline()
-        if not status_line:
+async def _read_head(conn: _Connection) -> tuple[int, list[tuple[bytes, bytes]]]:
+    buffer = conn.buffer
+    while (end := buffer.find(b"\r\n\r\n")) < 0:
+        if len(buffer) > HEAD_LIMIT:
+            raise UpstreamError("bad answer from the runner: the response head is too large")
+        if conn.closed:
+            if buffer:
+                raise UpstreamError("the runner closed the connection mid-answer")
             raise UpstreamError("the runner closed the connection without answering")
+        await conn.more()
+    status_line, *lines = conn.take(end + 4)[:-4].split(b"\r\n")
+    try:
         status = int(status_line.split(b" ", 2)[1])
-        headers: list[tuple[bytes, bytes]] = []
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-            name, _, value = line.partition(b":")
-            headers.append((name.strip().lower(), value.strip()))
-    except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
-        raise UpstreamError(f"bad answer from the runner: {exc}") from exc
+    except (ValueError, IndexError) as exc:
+        raise UpstreamError(f"bad answer from the runner: {status_line!r}") from exc
+    headers = []
+    for line in lines:
+        name, _, value = line.partition(b":")
+        headers.append((name.strip().lower(), value.strip()))
     return status, headers
 
 
-async def _pump(
-    reader: asyncio.StreamReader, headers: list[tuple[bytes, bytes]], send: Send
-) -> None:
-    fields = dict(headers)
+async def _pump(conn: _Connection, fields: dict[bytes, bytes], send: Send) -> bool:
+    """Relay the body; True when the connection may carry another request."""
+    reusable = False
     try:
         if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            while True:
-                size_line = await reader.readline()
-                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
-                if size == 0:
-                    break
-                data = await reader.readexactly(size)
-                await reader.readexactly(2)
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await _pump_chunked(conn, send)
         elif b"content-length" in fields:
             remaining = int(fields[b"content-length"])
             while remaining > 0:
-                data = await reader.read(min(remaining, READ_SIZE))
-                if not data:
-                    break
+                if not conn.buffer:
+                    await conn.more()
+                    continue
+                data = conn.take(remaining)
                 remaining -= len(data)
                 await send({"type": "http.response.body", "body": data, "more_body": True})
+            reusable = fields.get(b"connection", b"").lower() != b"close"
         else:
-            while data := await reader.read(READ_SIZE):
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-    except (OSError, ValueError, asyncio.IncompleteReadError):
+            while True:
+                if conn.buffer:
+                    data = conn.take(len(conn.buffer))
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                if conn.closed:
+                    break
+                await conn.more()
+    except (OSError, ValueError, UpstreamError):
         # The runner died mid-answer. The status is already sent; an event stream at least
         # gets an error event, so clients report a failure instead of a short answer.
         if fields.get(b"content-type", b"").startswith(b"text/event-stream"):
             await send({"type": "http.response.body", "body": RUNNER_DIED_EVENT, "more_body": True})
     await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return reusable
+
+
+async def _pump_chunked(conn: _Connection, send: Send) -> None:
+    """Unframe chunks as they arrive; all complete chunks at hand go out in one piece."""
+    buffer = conn.buffer
+    while True:
+        pieces: list[bytes] = []
+        at = 0
+        while (eol := buffer.find(b"\r\n", at)) >= 0:
+            size = int(bytes(buffer[at:eol]).split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                if pieces:
+                    await send(
+                        {"type": "http.response.body", "body": b"".join(pieces), "more_body": True}
+                    )
+                del buffer[:at]
+                return  # the last chunk (trailers, if any, are dropped with the connection)
+            if len(buffer) < eol + 2 + size + 2:
+                break
+            pieces.append(bytes(buffer[eol + 2 : eol + 2 + size]))
+            at = eol + 2 + size + 2
+        if pieces:
+            del buffer[:at]
+            await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": True})
+        await conn.more()

@@ -116,6 +116,7 @@ class Scheduler:
         self.slots = int(settings.env("DMR_SLOTS") or 0) or min(os.cpu_count() or 1, 8)
         self.runners: dict[RunnerKey, Runner] = {}
         self._changed = asyncio.Condition()
+        self._waiting = 0  # acquire() calls waiting for a slot
         self._socket_dir = Path(tempfile.mkdtemp(prefix="dmr-runners-"))
         self._socket_seq = 0
         self._engine_log = EngineLog(settings.log_dir() / ENGINE_LOG)
@@ -156,7 +157,11 @@ class Scheduler:
                     break
                 if not self._stopping:
                     self._evict_lru("slots")
-                await self._changed.wait()  # cancellable: a client that gives up stops waiting
+                self._waiting += 1
+                try:
+                    await self._changed.wait()  # cancellable: a client that gives up stops waiting
+                finally:
+                    self._waiting -= 1
         return await self._load(key, model, model_ref, config, draft)
 
     def release(self, runner: Runner) -> None:
@@ -438,6 +443,9 @@ class Scheduler:
         return done
 
     def _notify(self) -> None:
+        if not self._waiting:
+            return  # nobody waits for a slot: spare the hot path a task
+
         async def notify() -> None:
             async with self._changed:
                 self._changed.notify_all()

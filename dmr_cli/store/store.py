@@ -53,6 +53,7 @@ from dmr_cli.store.model import IndexEntry, Model, load_json
 
 LAYOUT_VERSION = "1.0.0"
 STALE_PARTIAL_AGE = 7 * 24 * 3600
+RESOLVED_CACHE = 1024  # references remembered per index version
 _PARTIAL_SUFFIXES = (".incomplete", ".corrupt")
 
 
@@ -70,6 +71,10 @@ class Store:
         self._pins_lock = threading.Lock()
         self._blob_locks: dict[str, threading.Lock] = {}
         self._index_cache: tuple[tuple[int, int, int], list[IndexEntry]] | None = None
+        self._index_path = str(self.root / "models.json")
+        # Reference → entry for the current index version: normalising a reference costs
+        # more than the rest of a model lookup.
+        self._resolved: dict[str, IndexEntry] = {}
         self._content_cache: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
 
     # -- layout ---------------------------------------------------------------------------
@@ -158,19 +163,25 @@ class Store:
     # -- index ----------------------------------------------------------------------------
 
     def _read_index(self) -> list[IndexEntry]:
-        """The index, parsed once per version of the file (every request resolves a model,
-        so this is on the inference hot path). Callers get copies they may modify."""
-        path = self.root / "models.json"
+        """The index; callers get copies they may modify."""
+        return [IndexEntry(e.id, list(e.tags), list(e.files)) for e in self._entries()]
+
+    def _entries(self) -> list[IndexEntry]:
+        """The index as parsed, not to be modified: parsed once per version of the file
+        (every request resolves a model, so this is on the inference hot path)."""
+        path = self._index_path
         try:
-            st = path.stat()
+            st = os.stat(path)
         except FileNotFoundError:
+            self._resolved.clear()
             return []
         version = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._index_cache is None or self._index_cache[0] != version:
+            self._resolved.clear()
             try:
                 entries = [
                     IndexEntry.from_json(m)
-                    for m in (load_json(path.read_bytes()).get("models") or [])
+                    for m in (load_json(Path(path).read_bytes()).get("models") or [])
                 ]
             except FileNotFoundError:
                 return []
@@ -180,7 +191,7 @@ class Store:
                     hint="restore it from a backup or run `dmr purge` to start over",
                 ) from exc
             self._index_cache = (version, entries)
-        return [IndexEntry(e.id, list(e.tags), list(e.files)) for e in self._index_cache[1]]
+        return self._index_cache[1]
 
     def _write_index(self, entries: Sequence[IndexEntry]) -> None:
         atomic_write(self.root / "models.json", _dumps({"models": [e.to_json() for e in entries]}))
@@ -238,10 +249,14 @@ class Store:
         return next((e for e in entries if e.has_tag(canonical)), None)
 
     def find(self, ref: str, *, partial: bool = False) -> Model | None:
-        entries = self._read_index()
-        entry = self._match(ref, entries)
-        if entry is None and partial:
-            entry = _partial_match(ref, entries)
+        entries = self._entries()
+        entry = self._resolved.get(ref) if not partial else None
+        if entry is None:
+            entry = self._match(ref, entries)
+            if entry is None and partial:
+                entry = _partial_match(ref, entries)
+            elif entry is not None and len(self._resolved) < RESOLVED_CACHE:
+                self._resolved[ref] = entry
         return self._load(entry) if entry else None
 
     def get(self, ref: str, *, partial: bool = False) -> Model:
