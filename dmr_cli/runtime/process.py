@@ -10,19 +10,20 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
 
 _PR_SET_PDEATHSIG = 1
-HEALTH_POLL_INTERVAL = 0.005  # DMR polls every 500 ms; a ready runner should be used at once
+HEALTH_POLL_INTERVAL = 0.002  # DMR polls every 500 ms; a ready runner should be used at once
 STDERR_TAIL = 64
 PIPE_READ = 64 * 1024
 LOG_BATCH = 0.02  # seconds the engine-log pump lets output gather between reads
@@ -35,6 +36,19 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() == 1:  # the daemon died before prctl took effect
             os._exit(1)
+
+
+def _orphan_guard(argv: Sequence[str]) -> tuple[Callable[[], None] | None, list[str]]:
+    """How to start ARGV so that it dies with the daemon: through util-linux's `setpriv
+    --pdeathsig`, which execs the runner in place, or with prctl in a preexec function.
+    setpriv is preferred: a preexec function forces a full fork of the daemon, which costs
+    ~20 ms for a process of its size, against 0.3 ms for the vfork Popen uses otherwise."""
+    if sys.platform != "linux":
+        return None, list(argv)
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return _die_with_parent, list(argv)
+    return None, [setpriv, "--pdeathsig", "KILL", "--", *argv]
 
 
 class EngineLog:
@@ -83,14 +97,15 @@ class RunnerProcess:
         """Start a runner. Call from the event loop thread: PDEATHSIG follows the spawning
         thread, and a worker thread that exits would take the runner with it."""
         log.write(f"starting {name}: {' '.join(argv)}".encode())
+        preexec, argv = _orphan_guard(argv)
         popen = subprocess.Popen(
-            list(argv),
+            argv,
             env=dict(env),
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=preexec,
         )
         return cls(popen, log, name)
 

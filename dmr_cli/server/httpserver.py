@@ -392,6 +392,8 @@ class Server:
         self.tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.unix = False
+        self.listening = asyncio.Event()
+        self.port = 0  # the TCP port bound (useful with port 0)
 
     def run(self, cycle: Cycle) -> None:
         task = asyncio.get_running_loop().create_task(self._run(cycle))
@@ -423,15 +425,21 @@ class Server:
                 if cycle.conn.transport is not None:
                     cycle.conn.transport.close()
 
-    async def serve(self, host: str, port: int, uds: str | None) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+    async def serve(
+        self, host: str, port: int, uds: str | None, stop: asyncio.Event | None = None
+    ) -> None:
+        """Serve until STOP is set (by default: until SIGTERM or SIGINT)."""
+        if stop is None:
+            stop = asyncio.Event()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                asyncio.get_running_loop().add_signal_handler(signum, stop.set)
         lifespan = Lifespan(self.app)
         await lifespan.startup()
         try:
             server = await self._listen(host, port, uds)
+            if not uds:
+                self.port = server.sockets[0].getsockname()[1]
+            self.listening.set()
             await stop.wait()
             self.stopping = True
             server.close()
