@@ -14,7 +14,7 @@ from dmr_cli.errors import DmrError
 
 PID_FILE = "dmr.pid"
 LOG_FILE = "daemon.log"
-# `dmr serve` stops its runners on SIGTERM; uvicorn gives open requests 5 s of that.
+# `dmr serve` stops its runners on SIGTERM; open requests get 5 s of that.
 STOP_GRACE = 15.0
 KILL_WAIT = 5.0
 

@@ -37,12 +37,23 @@ MODES = {
 }
 
 
+# LiteLLM's docker_model_runner provider posts to `{api_base}/chat/completions` with
+# api_base `<dmr>/engines/llama.cpp`, without the /v1 DMR expects.
+_WITHOUT_V1 = {
+    "/chat/completions": "/v1/chat/completions",
+    "/completions": "/v1/completions",
+    "/embeddings": "/v1/embeddings",
+}
+
+
 def match(path: str) -> tuple[str, str] | None:
     """(backend, runner path) for an inference route, else None.
 
-    `/engines/v1/x`, `/engines/<backend>/v1/x`, and the aliases `/v1/x`, `/rerank`, `/score`.
+    `/engines/v1/x`, `/engines/<backend>/v1/x`, the aliases `/v1/x`, `/rerank`, `/score`,
+    and `/engines[/<backend>]/x` for the OpenAI routes LiteLLM calls without /v1.
     """
-    if path.startswith("/engines/"):
+    engines = path.startswith("/engines/")
+    if engines:
         rest = path[len("/engines") :]
     elif path.startswith("/v1/") or path in ("/rerank", "/score"):
         rest = path
@@ -50,9 +61,15 @@ def match(path: str) -> tuple[str, str] | None:
         return None
     if rest in MODES:
         return DEFAULT_BACKEND, rest
+    if engines and rest in _WITHOUT_V1:
+        return DEFAULT_BACKEND, _WITHOUT_V1[rest]
     backend, sep, tail = rest[1:].partition("/")
-    if sep and "/" + tail in MODES:
-        return backend, "/" + tail
+    if sep:
+        tail = "/" + tail
+        if tail in MODES:
+            return backend, tail
+        if engines and tail in _WITHOUT_V1:
+            return backend, _WITHOUT_V1[tail]
     return None
 
 
