@@ -124,6 +124,17 @@ def _ssl_context() -> ssl.SSLContext:
     return ctx
 
 
+def auth_headers() -> dict[str, str]:
+    """`Authorization: Bearer $DMR_API_KEY` for a daemon that requires API keys."""
+    key = config.env("DMR_API_KEY")
+    if not key:
+        return {}
+    # The raw-socket transport writes headers as they are: a line break would end the header.
+    if not key.isprintable() or not key.isascii():
+        raise BadRequest("DMR_API_KEY holds characters that cannot be sent in an HTTP header")
+    return {"Authorization": f"Bearer {key}"}
+
+
 # -- errors -------------------------------------------------------------------------------
 
 
@@ -134,6 +145,13 @@ def error_for_status(status: int, text: str, path: str) -> DmrError:
         if "reference" in message.lower():
             return InvalidReference(message)
         return BadRequest(message)
+    if status == 401 and "API key" in message:  # the daemon's own key check (server/access.py)
+        hint = (
+            "DMR_API_KEY is not one of the daemon's keys (DMR_API_KEYS or its keys file)"
+            if config.env("DMR_API_KEY")
+            else "set DMR_API_KEY to one of the daemon's API keys"
+        )
+        return Unauthorized(message, hint=hint)
     if status == 401:
         return Unauthorized(
             message,
@@ -253,6 +271,7 @@ def send(
         "Accept: application/json",
         "Connection: close",
     ]
+    head += [f"{name}: {value}" for name, value in auth_headers().items()]
     if body is not None:
         head += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
@@ -328,7 +347,8 @@ def start_daemon(
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if send("GET", "/models", timeout=timeout, at=ep).status == 200:
+            # 401: it answers, and asks for a key the next request will report missing.
+            if send("GET", "/models", timeout=timeout, at=ep).status in (200, 401):
                 return pid
         except DaemonUnavailable:
             pass
@@ -363,7 +383,7 @@ def _http_client() -> httpx.Client:
     return httpx.Client(
         base_url=base + ep.prefix,
         transport=transport,
-        headers={"User-Agent": USER_AGENT},
+        headers={"User-Agent": USER_AGENT, **auth_headers()},
         timeout=httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT),
         verify=_ssl_context() if ep.scheme == "https" else True,
         # The daemon is local or named explicitly: never route it through HTTP_PROXY.
@@ -518,6 +538,8 @@ def status() -> dict[str, str] | None:
     response = send("GET", "/models")
     if response.status == 503:
         return None
+    if response.status == 401:
+        raise error_for_status(401, response.text, "/models")
     if response.status != 200:
         raise DmrError(f"unexpected status code: {response.status}")
     try:
@@ -787,7 +809,7 @@ class AsyncChat:
         self._http = httpx.AsyncClient(
             base_url=base + ep.prefix,
             transport=transport,
-            headers={"User-Agent": USER_AGENT, "Accept": "text/event-stream"},
+            headers={"User-Agent": USER_AGENT, "Accept": "text/event-stream", **auth_headers()},
             timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT),
             limits=httpx.Limits(max_connections=connections),
             verify=_ssl_context() if ep.scheme == "https" else True,

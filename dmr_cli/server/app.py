@@ -18,14 +18,18 @@ from starlette.types import Receive, Scope, Send
 from dmr_cli import __version__, config
 from dmr_cli.runtime.detect import detect
 from dmr_cli.server import (
+    anthropic,
     engines,
     inference,
     logs,
     metrics,
     models,
+    ollama,
     openai_models,
     recorder,
+    responses,
 )
+from dmr_cli.server.access import Access, exposure_warning, load_policy
 from dmr_cli.server.configs import ConfigStore
 from dmr_cli.server.http import handle_errors, text_error
 from dmr_cli.server.scheduler import Scheduler
@@ -98,6 +102,10 @@ def create_app(store: Store) -> Starlette:
         Route("/engines/_configure", e(engines.list_configs), methods=["GET"]),
         Route("/engines/{backend}/_configure", e(engines.configure), methods=["POST"]),
         Route("/engines/requests", e(recorder.requests_route), methods=["GET"]),
+        *ollama.routes(),
+        Route("/anthropic/v1/messages", anthropic.messages, methods=["POST"]),
+        Route("/anthropic/v1/messages/count_tokens", anthropic.count_tokens, methods=["POST"]),
+        *responses.routes(),
         *_openai_model_routes("/engines", "/engines/{backend}", ""),
         Route("/engines/{rest:path}", not_found, methods=ANY),
         Route("/v1/{rest:path}", not_found, methods=ANY),
@@ -169,17 +177,19 @@ def run(host: str, port: int | None, socket: str | None, models_path: Path) -> N
 
     setup_logging()
     store = Store(models_path)
-    app = Daemon(create_app(store))
+    policy = load_policy()  # before binding: a bad keys file stops the start
+    app = Access(Daemon(create_app(store)), policy)
     if socket:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket)
         bind = f"unix:{socket}"
     else:
         bind = f"http://{host}:{port}"
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            log.warning(
-                "listening on %s: anyone who can reach this address can use the daemon", host
-            )
+        warning = exposure_warning(host, policy)
+        if warning:
+            log.warning("%s", warning)
+    if policy.requires_key:
+        log.info("an API key is required on every request (%d keys)", len(policy.key_digests))
     log.info("dmr %s serving %s (models: %s)", __version__, bind, models_path)
     httpserver.run(app, host, port or config.DEFAULT_PORT, socket)
     log.info("Docker Model Runner stopped")

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from dmr_cli.server.recorder import Recorder
 from dmr_cli.store import Model, Store
 
 log = logging.getLogger("dmr")
+PRELOAD_TIMEOUT = 60.0  # DMR gives the preload after a configure one minute
 
 DEFAULT_BACKEND = "llama.cpp"
 BACKENDS = ("llama.cpp", "vllm", "mlx", "sglang", "diffusers")
@@ -121,6 +122,7 @@ class Scheduler:
         self._socket_seq = 0
         self._engine_log = EngineLog(settings.log_dir() / ENGINE_LOG)
         self._watchers: set[asyncio.Task[None]] = set()
+        self._preloads: set[asyncio.Task[None]] = set()
         self._terminations: set[asyncio.Future[Any]] = set()
         self._stopping: set[Runner] = set()
 
@@ -207,15 +209,50 @@ class Scheduler:
         model = await asyncio.to_thread(self.store.find, model_ref)
         model_id = model.id if model else model_ref
         key = ConfigKey(backend, model_id, mode)
+        before = self.configs.get(key)
         if not self.configs.set(key, model_ref, config):
             return
+        # A new keep_alive needs no restart (Ollama clients send one with every request).
+        same_process = (
+            before is not None
+            and replace(before, keep_alive=config.keep_alive).to_json() == config.to_json()
+        )
         for runner in [r for r in self.runners.values() if r.key.model_id == model_id]:
             if runner.key.backend == backend and runner.key.mode == mode:
+                if same_process:
+                    runner.keep_alive = _keep_alive(config)
+                    if runner.idle and runner.expiry is not None:  # re-arm with the new one
+                        runner.expiry.cancel()
+                        runner.refcount += 1
+                        self.release(runner)
+                    continue
                 if not runner.idle:
                     raise Conflict("runner already active")
                 self._evict(runner, "configure")
+        if model is not None and config.keep_alive != 0:
+            self._preload(model_ref, mode, backend)
+
+    def _preload(self, model_ref: str, mode: str, backend: str) -> None:
+        """Load a just-configured model in the background, as DMR does, so the first
+        request finds it ready; a failure shows on that request."""
+
+        async def load() -> None:
+            try:
+                runner = await asyncio.wait_for(
+                    self.acquire(model_ref, mode, backend), PRELOAD_TIMEOUT
+                )
+            except (DmrError, TimeoutError) as exc:
+                log.info("preloading %s after configure failed: %s", model_ref, exc)
+                return
+            self.release(runner)
+
+        task = asyncio.get_running_loop().create_task(load())
+        self._preloads.add(task)
+        task.add_done_callback(self._preloads.discard)
 
     async def shutdown(self) -> None:
+        for task in self._preloads:
+            task.cancel()
         for runner in list(self.runners.values()):
             self._evict(runner)
         await asyncio.gather(*self._terminations, *self._watchers, return_exceptions=True)
@@ -281,7 +318,7 @@ class Scheduler:
     ) -> Runner:
         from dmr_cli.runtime import install
 
-        keep_alive = config.keep_alive if config.keep_alive is not None else DEFAULT_KEEP_ALIVE
+        keep_alive = _keep_alive(config)
         self._socket_seq += 1
         runner = Runner(
             key=key,
@@ -451,6 +488,10 @@ class Scheduler:
                 self._changed.notify_all()
 
         asyncio.get_running_loop().create_task(notify())
+
+
+def _keep_alive(config: RunnerConfig) -> float:
+    return config.keep_alive if config.keep_alive is not None else DEFAULT_KEEP_ALIVE
 
 
 def model_name(model: Model) -> str:

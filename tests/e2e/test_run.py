@@ -155,7 +155,10 @@ def test_piped_stdin_is_appended_to_the_prompt(served: Daemon) -> None:
 
 
 def test_detach_loads_the_model_and_leaves_it_loaded(served: Daemon) -> None:
-    assert ps(served) == []
+    # The fixture's configure preloaded the model (spec §2.7): start from nothing loaded.
+    wait_for(lambda: runner_idle(served, "ai/tiny"))
+    httpx.post(served.url + "/engines/unload", json={"all": True}, timeout=10)
+    wait_for(lambda: ps(served) == [])
     result = served.cli("run", "--detach", "ai/tiny", input="not read")
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""

@@ -176,6 +176,27 @@ def test_configure_restarts_the_runner_with_the_new_context_size(
     assert shown[0]["Model"] == "docker.io/ai/tiny:latest"
 
 
+def test_configure_preloads_the_model_in_the_background(
+    served: tuple[Daemon, httpx.Client],
+) -> None:
+    daemon, http = served
+    response = http.post("/engines/_configure", json={"model": "ai/tiny2", "context-size": 256})
+    assert response.status_code == 202
+    # No request yet: the runner loads anyway (spec §2.7), then idles under keep_alive.
+    wait_for(
+        lambda: [(e["model_name"], e.get("in_use", False)) for e in http.get("/engines/ps").json()]
+        == [("ai/tiny2", False)]
+    )
+    (runner,) = runner_processes(daemon)
+    assert chat(http, "ai/tiny2").status_code == 200
+    assert [p.pid for p in runner_processes(daemon)] == [runner.pid]
+    # Only keep_alive changes (as Ollama clients send with each request): no restart.
+    body = {"model": "ai/tiny2", "context-size": 256, "keep_alive": "10m"}
+    assert http.post("/engines/_configure", json=body).status_code == 202
+    assert [e["keep_alive"] for e in http.get("/engines/ps").json()] == ["10m0s"]
+    assert [p.pid for p in runner_processes(daemon)] == [runner.pid]
+
+
 def test_memory_admission_refuses_an_oversized_context(
     served: tuple[Daemon, httpx.Client],
 ) -> None:
