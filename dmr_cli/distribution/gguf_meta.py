@@ -76,7 +76,7 @@ _DIFFUSION_TENSORS = re.compile(
 def read_gguf_config(path: Path) -> dict[str, Any]:
     """DMR's config object for a GGUF file (or the first shard of a split model)."""
     try:
-        parsed = [_parse_file(p) for p in shard_paths(path)]
+        parsed = [parse_file(p) for p in shard_paths(path)]
     except (OSError, ValueError, struct.error):
         return {"format": "gguf"}
     return _config(parsed)
@@ -116,7 +116,7 @@ def _scaled(
 
 
 @dataclass
-class _Parsed:
+class ParsedGGUF:
     kvs: list[tuple[str, int, Any]] = field(default_factory=list)  # key, type, value
     tensors: list[tuple[str, int, int]] = field(default_factory=list)  # name, type, elements
     model_size: int = 0
@@ -178,7 +178,7 @@ class _Cursor:
         raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def _parse_file(path: Path) -> _Parsed:
+def parse_file(path: Path) -> ParsedGGUF:
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != _GGUF_MAGIC:
             raise ValueError("not a GGUF file")
@@ -191,7 +191,7 @@ def _parse_file(path: Path) -> _Parsed:
         cur = _Cursor(buf, order, wide=version > 1)
         cur.pos = 8
         tensor_count, kv_count = cur.length(), cur.length()
-        out = _Parsed()
+        out = ParsedGGUF()
         alignment = _DEFAULT_ALIGNMENT
         for _ in range(kv_count):
             key = cur.string()
@@ -215,7 +215,7 @@ def _parse_file(path: Path) -> _Parsed:
         return out
 
 
-def _config(shards: list[_Parsed]) -> dict[str, Any]:
+def _config(shards: list[ParsedGGUF]) -> dict[str, Any]:
     kvs: dict[str, tuple[int, Any]] = {}
     for shard in shards:
         for key, vtype, value in shard.kvs:

@@ -189,10 +189,10 @@ def _show(state: State, model: Model, name: str, verbose: bool) -> dict[str, Any
     # The GGUF reader is gguf_meta's own (header only, through mmap: milliseconds even for
     # large models); it hands back each value with its GGUF type, which model_info keeps.
     from dmr_cli.distribution.artifact import MEDIA_TYPE_LICENSE
-    from dmr_cli.distribution.gguf_meta import _parse_file, shard_paths
+    from dmr_cli.distribution.gguf_meta import parse_file, shard_paths
 
     files = bundle_files(state.store.bundle(model.id))
-    shards = [_parse_file(path) for path in shard_paths(files["model"])]
+    shards = [parse_file(path) for path in shard_paths(files["model"])]
     kvs = {key: (vtype, value) for shard in shards for key, vtype, value in shard.kvs}
     parameter_count = sum(elements for shard in shards for _, _, elements in shard.tensors)
     if "template" in files:

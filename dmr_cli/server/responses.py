@@ -29,7 +29,10 @@ from starlette.routing import Route
 from dmr_cli import config
 from dmr_cli.errors import BadRequest
 from dmr_cli.server import upstream
-from dmr_cli.server.anthropic import (
+from dmr_cli.server.http import BODY_LIMIT, read_body
+from dmr_cli.server.scheduler import BACKENDS
+from dmr_cli.server.state import State
+from dmr_cli.server.upstream import (
     UpstreamFailure,
     chunk_tokens,
     error_message,
@@ -38,9 +41,6 @@ from dmr_cli.server.anthropic import (
     output_tokens,
     prompt_tokens,
 )
-from dmr_cli.server.http import BODY_LIMIT, read_body
-from dmr_cli.server.scheduler import BACKENDS
-from dmr_cli.server.state import State
 
 log = logging.getLogger("dmr")
 

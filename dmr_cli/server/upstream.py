@@ -14,6 +14,7 @@ import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from starlette.requests import Request
 from starlette.types import Message, Scope
 
 from dmr_cli.server import inference
@@ -128,3 +129,96 @@ async def call(
         yield exchange
     finally:
         await exchange.close()
+
+
+# Headers that describe the outer request's framing, not the inner call's.
+_NOT_FORWARDED = {"host", "content-length", "transfer-encoding", "connection", "expect"}
+# Fields of a chat request that do not change its prompt's length.
+_NOT_COUNTED = {"stream", "stream_options", "tool_choice", "response_format", "max_tokens"}
+
+
+class UpstreamFailure(Exception):
+    """The inference route answered with an error (DMR's, or the runner's)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# -- helpers for the translating layers ----------------------------------------------
+
+
+def forwarded_headers(request: Request) -> dict[str, str]:
+    """The client's headers for the in-process inference call (User-Agent for the request
+    log; the relay picks what runners use)."""
+    return {k: v for k, v in request.headers.items() if k not in _NOT_FORWARDED}
+
+
+async def prompt_tokens(
+    state: State, path: str, chat: Mapping[str, Any], headers: Mapping[str, str]
+) -> int:
+    """The prompt's length in tokens as the runner counts it.
+
+    A one-token completion reports `usage.prompt_tokens` for exactly the prompt the chat
+    template renders, tools included: what llama-server's own count_tokens computes. Both
+    runners cache the evaluated prompt, so a generation that follows reuses it.
+    """
+    counted = {k: v for k, v in chat.items() if k not in _NOT_COUNTED}
+    counted.update(max_tokens=1, stream=False)
+    async with call(state, path, counted, headers) as exchange:
+        body = await exchange.read()
+        status = exchange.status
+    if not 200 <= status < 300:
+        raise UpstreamFailure(status, error_message(body))
+    parsed = json_or_none(body)
+    usage = parsed.get("usage") if isinstance(parsed, dict) else None
+    tokens = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+    if not isinstance(tokens, int):
+        raise UpstreamFailure(502, "the runner reported no prompt token count")
+    return tokens
+
+
+def json_or_none(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def error_message(body: bytes) -> str:
+    """The message of an error answer: OpenAI's, FastAPI's or Anthropic's JSON, or DMR's text."""
+    parsed = json_or_none(body)
+    if isinstance(parsed, dict):
+        inner = parsed.get("error")
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+        for key in ("detail", "message"):
+            if isinstance(parsed.get(key), str):
+                return str(parsed[key])
+    text = body.decode(errors="replace").strip()
+    return text or "the runner answered with an empty error"
+
+
+def chunk_tokens(delta: Mapping[str, Any]) -> int:
+    """Tokens one streamed chat chunk stands for: one per chunk with text or tool-call
+    arguments (the role-only first chunk carries none)."""
+    return 1 if delta.get("content") is not None or delta.get("tool_calls") else 0
+
+
+def output_tokens(
+    reported: int | None, finish_reason: str | None, max_tokens: int | None, chunks: int
+) -> int:
+    """How many tokens a streamed answer took.
+
+    The runner's own count when it sent one (llama-server does at the end of a stream; an
+    answer cut at a stop sequence never gets there, and the embedded engine never sends
+    one). Otherwise an answer that ran into max_tokens took exactly that many, and any other
+    is counted by its chunks: one per token, except that llama-cpp-python also streams empty
+    chunks around bytes that do not decode on their own.
+    """
+    if reported is not None:
+        return reported
+    if finish_reason == "length" and max_tokens is not None:
+        return max_tokens
+    return chunks
