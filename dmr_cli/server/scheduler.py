@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from dmr_cli import config as settings
 from dmr_cli.errors import Conflict, DmrError, ModelNotFound
@@ -43,8 +43,7 @@ READY_TIMEOUT = 300.0
 EVICTION_GRACE = 5.0
 
 
-@dataclass(frozen=True)
-class RunnerKey:
+class RunnerKey(NamedTuple):  # a tuple: built and hashed on every request
     backend: str
     model_id: str
     draft_id: str | None
@@ -114,7 +113,7 @@ class Scheduler:
         self.detection = detection
         self.metrics = metrics
         self.recorder = recorder
-        self.slots = int(settings.env("DMR_SLOTS") or 0) or min(os.cpu_count() or 1, 8)
+        self.slots = int(settings.env("DMR_SLOTS") or 0) or settings.default_slots()
         self.runners: dict[RunnerKey, Runner] = {}
         self._changed = asyncio.Condition()
         self._waiting = 0  # acquire() calls waiting for a slot
@@ -134,7 +133,7 @@ class Scheduler:
         if model is None:
             model = self.store.get(model_ref)  # cached index: no I/O on the hot path
         config = self.configs.lookup(backend, model.id, mode) or RunnerConfig()
-        draft = await self._draft_model(config)
+        draft = self._draft_model(config)
         key = RunnerKey(backend, model.id, draft.id if draft else None, mode)
         while True:
             runner = self.runners.get(key)
@@ -143,11 +142,12 @@ class Scheduler:
                 if runner.expiry:
                     runner.expiry.cancel()
                     runner.expiry = None
-                try:
-                    await runner.ready.wait()
-                except BaseException:
-                    self.release(runner)
-                    raise
+                if not runner.ready.is_set():
+                    try:
+                        await runner.ready.wait()
+                    except BaseException:
+                        self.release(runner)
+                        raise
                 if runner.error is not None:
                     runner.refcount -= 1
                     raise runner.error
@@ -270,7 +270,7 @@ class Scheduler:
 
     # -- loading --------------------------------------------------------------------------
 
-    async def _draft_model(self, config: RunnerConfig) -> Model | None:
+    def _draft_model(self, config: RunnerConfig) -> Model | None:
         if config.speculative is None or not config.speculative.draft_model:
             return None
         try:
