@@ -25,6 +25,9 @@ from dmr_cli.errors import DmrError
 if TYPE_CHECKING:
     import typer
 
+# The shell completion protocol's variable (typer's name for it; see dmr_cli/completion.py).
+COMPLETE_VAR = "_DMR_COMPLETE"
+
 
 class FastCommand(NamedTuple):
     """How to call a command without typer."""
@@ -148,6 +151,7 @@ def build_app() -> typer.Typer:
         run,
         runner_daemon,
         serve,
+        service,
         show,
         status,
         tag,
@@ -187,6 +191,7 @@ def build_app() -> typer.Typer:
     app.command("configure", cls=configure.command_class())(configure.configure)
     app.command("config", cls=configure.command_class(), hidden=True)(configure.configure)
     app.command("serve")(serve.serve)
+    app.add_typer(service.build_app(), name="service")
     app.command("start-runner")(runner_daemon.start_runner)
     app.command("stop-runner")(runner_daemon.stop_runner)
     app.command("restart-runner")(runner_daemon.restart_runner)
@@ -199,6 +204,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the CLI; every `DmrError` ends here as `Error: ...` on stderr and its exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
+        if os.environ.get(COMPLETE_VAR):  # a script in completions/ asking for completions
+            from dmr_cli import completion
+
+            completion.complete(build_app())
         call = fast_call(args)
         if call is None:
             build_app()(args=args, prog_name="dmr")

@@ -96,7 +96,8 @@ class DiskFull(StoreError):
     def __init__(self, message: str = "no space left on device", *, hint: str | None = None):
         super().__init__(
             message,
-            hint=hint or "free some space (dmr df shows what the store uses) and pull again: "
+            hint=hint
+            or "free some space (dmr df shows what the store uses) and pull again: "
             "completed layers are kept",
         )
 

@@ -15,11 +15,11 @@ case, which is what keeps references safe to use in URLs and store paths.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from dmr_cli import config
 from dmr_cli.errors import InvalidReference
 
 DEFAULT_REGISTRY = "docker.io"
@@ -30,9 +30,7 @@ HF_ALIASES = ("hf.co", "huggingface.co")
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*"
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = (
-    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
-)
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::[0-9]+)?"
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-fA-F0-9]{32,}"
 
@@ -93,7 +91,7 @@ def is_plain_http_registry(registry: str, insecure_registries: Iterable[str] = (
     """Loopback and `.local` registries speak plain HTTP; others HTTPS unless listed."""
     if registry in set(insecure_registries):
         return True
-    if os.environ.get("INSECURE_REGISTRY", "").strip().lower() in ("1", "true", "yes"):
+    if config.env_bool("INSECURE_REGISTRY"):
         return True
     host = _host_of(registry)
     if host == "localhost" or host.endswith(".local"):
@@ -140,9 +138,7 @@ def _split_tag(name: str) -> tuple[str, str | None, str | None]:
     return name, tag, digest
 
 
-def normalize_model_name(
-    value: str, resolve_id: Callable[[str], str | None] | None = None
-) -> str:
+def normalize_model_name(value: str, resolve_id: Callable[[str], str | None] | None = None) -> str:
     """DMR's `normalizeModelName` (spec §3a)."""
     name = value.strip()
     if not name:
@@ -182,7 +178,7 @@ def parse_reference(value: str, *, default_registry: str | None = None) -> Refer
             raise InvalidReference(f"invalid reference format: invalid digest in {value!r}")
         validate_digest(digest)
 
-    registry_default = default_registry or os.environ.get("DEFAULT_REGISTRY") or DEFAULT_REGISTRY
+    registry_default = default_registry or config.env("DEFAULT_REGISTRY") or DEFAULT_REGISTRY
     if registry_default == "index.docker.io":
         registry_default = DEFAULT_REGISTRY
     first, sep, rest = name.partition("/")
@@ -236,7 +232,7 @@ def try_canonical(value: str) -> str | None:
 
 def display_name(tag: str) -> str:
     """Strip defaults for display: `docker.io/ai/gemma3:latest` → `gemma3`."""
-    registry = os.environ.get("DEFAULT_REGISTRY", "").strip()
+    registry = config.env("DEFAULT_REGISTRY")
     for prefix in ("docker.io/", "index.docker.io/", f"{registry}/" if registry else ""):
         if prefix and tag.startswith(prefix):
             tag = tag[len(prefix) :]

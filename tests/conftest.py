@@ -12,6 +12,15 @@ from tests.helpers.daemon import Daemon, start_daemon
 from tests.helpers.registry import RunningRegistry, start_registry
 
 
+@pytest.fixture(autouse=True)
+def _no_user_config(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The developer's own config.toml must not steer in-process tests."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "xdg-config"))
+    monkeypatch.delenv("DMR_CONFIG", raising=False)
+
+
 @pytest.fixture
 def registry(tmp_path: Path) -> Iterator[RunningRegistry]:
     reg = start_registry(tmp_path)

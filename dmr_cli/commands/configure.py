@@ -1,11 +1,12 @@
-"""`dmr configure MODEL [OPTIONS] [-- FLAGS...]` and `dmr configure show [MODEL]`."""
+"""`dmr configure MODEL [OPTIONS] [-- FLAGS...]`, `dmr configure show [MODEL]` (the daemon's
+runner configurations) and `dmr configure show --settings` (dmr's own settings)."""
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING, Annotated, Any
 
-from dmr_cli import client, render
+from dmr_cli import client, config, render
 from dmr_cli.commands._params import Argument, Option, usage_error
 from dmr_cli.runtime.config import MODES
 
@@ -87,9 +88,17 @@ def configure(
             show_default=False,
         ),
     ] = None,
+    show_settings: Annotated[
+        bool,
+        Option(
+            "--settings",
+            help="With show: print dmr's settings instead, each with its value and source "
+            "(default, config file or environment)",
+        ),
+    ] = False,
 ) -> None:
     """Configure how a model runs (llama.cpp flags go after --); `configure show [MODEL]`
-    prints the stored configurations."""
+    prints the stored configurations, `configure show --settings` dmr's own settings."""
     words, flags = (
         (args[: args.index(DASH)], args[args.index(DASH) + 1 :]) if DASH in args else (args, [])
     )
@@ -105,12 +114,19 @@ def configure(
         gpu_memory_utilization=gpu_memory_utilization,
     )
     if words[:1] == ["show"]:
-        if len(words) > 2 or DASH in args or settings:
-            raise usage_error("takes one optional MODEL and no options", "'configure show'")
+        if len(words) > 2 or DASH in args or settings or (show_settings and len(words) > 1):
+            raise usage_error(
+                "takes one optional MODEL, or --settings, and no other options", "'configure show'"
+            )
+        if show_settings:  # no daemon needed: these are this process's settings
+            render.out(render.indented_json(config.report()))
+            return
         with client.failing("Failed to get runner configurations"):
             found = client.configs(words[1] if len(words) == 2 else None)
         render.out(render.indented_json(found))
         return
+    if show_settings:
+        raise usage_error("only goes with show: dmr configure show --settings", "'--settings'")
     if len(words) != 1:
         got = f"{len(words)}: {' '.join(words)}" if words else "none"
         raise usage_error(f"exactly one model must be given before --, got {got}", "'MODEL'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from dmr_cli import client, render
+from dmr_cli import client, config, render
 from dmr_cli.commands._params import Option
 from dmr_cli.errors import DaemonUnavailable, DmrError
 
@@ -34,7 +34,7 @@ def status(
 
 def status_json(backends: dict[str, str] | None, runtime: dict[str, Any] | None) -> dict[str, Any]:
     """DMR's `status --json` object, plus dmr's `accelerator` and `runner` when the daemon
-    reports them."""
+    reports them, and `config`: this CLI's settings and where each came from."""
     endpoint = client.endpoint().url + "/v1/"
     out: dict[str, Any] = {
         "running": backends is not None,
@@ -46,4 +46,5 @@ def status_json(backends: dict[str, str] | None, runtime: dict[str, Any] | None)
     if runtime:
         out["accelerator"] = runtime.get("accelerator")
         out["runner"] = runtime.get("runner")
+    out["config"] = config.report()
     return out

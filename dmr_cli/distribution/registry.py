@@ -354,9 +354,7 @@ class RegistryClient:
 
     # -- manifests --------------------------------------------------------------------------
 
-    def get_manifest(
-        self, ref: Reference, *, accept_index: bool = False
-    ) -> tuple[str, bytes, str]:
+    def get_manifest(self, ref: Reference, *, accept_index: bool = False) -> tuple[str, bytes, str]:
         """`(digest, raw bytes, media type)`, verified by digest. Models are single manifests;
         `accept_index` also admits an image index (runner images are multi-platform)."""
         return self._retrying(lambda: self._get_manifest(ref, accept_index))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from dmr_cli import config
 from dmr_cli.errors import BadRequest
 
 # Priority order: the first available accelerator wins; cpu always works.
@@ -134,7 +135,8 @@ class RealSystem:
     def __init__(self) -> None:
         self.platform = sys.platform
         self.machine = platform.machine()
-        self.env: Mapping[str, str] = os.environ
+        gpu = config.env("DMR_GPU")  # also from config.toml
+        self.env: Mapping[str, str] = {**os.environ, "DMR_GPU": gpu} if gpu else os.environ
         # find_library spawns ldconfig (and gcc when that fails): ask once per name.
         self._libraries: dict[str, str | None] = {}
 

@@ -108,9 +108,7 @@ def make_policy(origins: str, keys: Iterable[str]) -> Policy:
 
 
 def default_keys_file() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_config_dir(config.APP_NAME)) / KEYS_FILE_NAME
+    return config.config_dir() / KEYS_FILE_NAME
 
 
 def keys_file() -> tuple[Path, bool]:

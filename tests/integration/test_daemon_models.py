@@ -84,9 +84,7 @@ def test_tag_untag_delete(daemon: Daemon, http: httpx.Client) -> None:
     ]
     conflict = http.delete(f"/models/{model_id}")
     assert conflict.status_code == 409 and "must be forced" in conflict.text
-    assert http.delete("/models/myorg/copy:v1").json() == [
-        {"Untagged": "docker.io/myorg/copy:v1"}
-    ]
+    assert http.delete("/models/myorg/copy:v1").json() == [{"Untagged": "docker.io/myorg/copy:v1"}]
     assert http.delete(f"/models/{model_id}?force").json() == [
         {"Untagged": "docker.io/ai/tiny:latest"},
         {"Deleted": model_id},

@@ -191,6 +191,8 @@ def test_evictions_by_reason(served: tuple[Daemon, httpx.Client]) -> None:
     assert chat(http, "ai/tiny2").status_code == 200
     wait_for(lambda: count("idle") == 1)
 
+    # The configure preloaded ai/tiny3 in the background; unload takes idle runners only.
+    wait_for(lambda: not any(e.get("loading") for e in http.get("/engines/ps").json()))
     http.post("/engines/unload", json={"all": True})
     wait_for(lambda: not runner_pids(daemon))
     assert chat(http, "ai/tiny").status_code == 200

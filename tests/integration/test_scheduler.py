@@ -184,8 +184,10 @@ def test_configure_preloads_the_model_in_the_background(
     assert response.status_code == 202
     # No request yet: the runner loads anyway (spec §2.7), then idles under keep_alive.
     wait_for(
-        lambda: [(e["model_name"], e.get("in_use", False)) for e in http.get("/engines/ps").json()]
-        == [("ai/tiny2", False)]
+        lambda: (
+            [(e["model_name"], e.get("in_use", False)) for e in http.get("/engines/ps").json()]
+            == [("ai/tiny2", False)]
+        )
     )
     (runner,) = runner_processes(daemon)
     assert chat(http, "ai/tiny2").status_code == 200

@@ -135,7 +135,14 @@ def test_status_json_is_dmrs_object_plus_accelerator_and_runner(
         "accelerator": ACCELERATOR,
         "runner": RUNNER,
     }
-    assert out == json.dumps(expected, separators=(",", ":")) + "\n"
+    # DMR's compact encoding, then dmr's additions; "config" says where settings came from.
+    assert out.startswith(json.dumps(expected, separators=(",", ":"))[:-1] + ',"config":')
+    settings = json.loads(out)["config"]["settings"]
+    assert settings["host"] == {
+        "value": running.url,
+        "source": "environment",
+        "env": "MODEL_RUNNER_HOST",
+    }
 
 
 def test_status_against_a_daemon_without_the_runtime_route(
@@ -144,7 +151,14 @@ def test_status_against_a_daemon_without_the_runtime_route(
     del running.routes[("GET", "/engines/runtime")]  # a real DMR answers 404
     code, out, _ = run(capsys, "status", "--json")
     assert code == 0
-    assert set(json.loads(out)) == {"running", "backends", "kind", "endpoint", "endpointHost"}
+    assert set(json.loads(out)) == {
+        "running",
+        "backends",
+        "kind",
+        "endpoint",
+        "endpointHost",
+        "config",
+    }
     code, out, _ = run(capsys, "status")
     assert code == 0
     assert "Accelerator" not in out

@@ -49,8 +49,14 @@ def test_layout_matches_dmr(store: Store) -> None:
 
 @pytest.mark.parametrize(
     "ref",
-    ["smollm2", "ai/smollm2", "ai/smollm2:latest", "docker.io/ai/smollm2:latest",
-     "index.docker.io/ai/smollm2", "SmolLM2"],
+    [
+        "smollm2",
+        "ai/smollm2",
+        "ai/smollm2:latest",
+        "docker.io/ai/smollm2:latest",
+        "index.docker.io/ai/smollm2",
+        "SmolLM2",
+    ],
 )
 def test_equivalent_references_find_the_model(store: Store, ref: str) -> None:
     model_id = add(store, hand_artifact([b"w"]), "ai/smollm2")
