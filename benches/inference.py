@@ -5,6 +5,7 @@ two interleaved so machine noise hits both alike. Both paths use the same minima
 over a Unix socket (dmr serve --socket), so only dmr's own cost differs.
 
   overhead     p50/p99 of a 1-token chat completion, sequential and with 32 in flight (tiny model)
+               (dmr and benches/plain_relay.py, a bare byte relay, both against the direct path)
   streaming    time to first token, mean gap between tokens, tokens/s of a 256-token stream
   concurrency  4 streams at once vs 1: per-stream TTFT ratio, aggregate tokens/s ratio
   prompt cache first token of a repeated ~2k-token prompt vs a cold 50-token prompt
@@ -88,24 +89,25 @@ def runner_sockets(daemon_pid: int) -> set[str]:
     return out
 
 
-async def overhead(dmr: str, direct: str, runs: int) -> None:
-    pairs: dict[str, list[float]] = {"direct": [], "dmr": []}
+async def overhead(paths: dict[str, str], runs: int) -> None:
+    """PATHS: name → socket, "direct" first; each request goes to all of them in turn."""
+    times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(runs):
-        for name, sock in (("direct", direct), ("dmr", dmr)):
+        for name, sock in paths.items():
             start = time.perf_counter()
             await exchange(sock, chat("ai/tiny", 1))
-            pairs[name].append(time.perf_counter() - start)
-    d50, d99 = pct(pairs["direct"], 0.5), pct(pairs["direct"], 0.99)
-    m50, m99 = pct(pairs["dmr"], 0.5), pct(pairs["dmr"], 0.99)
+            times[name].append(time.perf_counter() - start)
+    d50, d99 = pct(times["direct"], 0.5), pct(times["direct"], 0.99)
     print(
-        f"overhead, sequential ({runs} each): direct p50 {d50 * 1e3:.3f} ms p99 {d99 * 1e3:.3f} ms;"
-        f" dmr p50 {m50 * 1e3:.3f} ms p99 {m99 * 1e3:.3f} ms"
+        f"overhead, sequential ({runs} each): direct p50 {d50 * 1e3:.3f} ms p99 {d99 * 1e3:.3f} ms"
     )
-    print(
-        f"  added p50 {(m50 - d50) * 1e3:+.3f} ms (goal <= 0.2), p99 {(m99 - d99) * 1e3:+.3f} ms"
-        " (goal <= 0.5)"
-    )
-    in_flight: dict[str, list[float]] = {"direct": [], "dmr": []}
+    for name in list(paths)[1:]:
+        m50, m99 = pct(times[name], 0.5), pct(times[name], 0.99)
+        print(
+            f"  {name}: added p50 {(m50 - d50) * 1e3:+.3f} ms (goal <= 0.2), "
+            f"p99 {(m99 - d99) * 1e3:+.3f} ms (goal <= 0.5)"
+        )
+    in_flight: dict[str, list[float]] = {name: [] for name in paths}
 
     async def worker(sock: str, out: list[float], n: int) -> None:
         for _ in range(n):
@@ -115,37 +117,39 @@ async def overhead(dmr: str, direct: str, runs: int) -> None:
 
     per_worker = max(4, runs // 32)
     for _ in range(2):
-        for name, sock in (("direct", direct), ("dmr", dmr)):
+        for name, sock in paths.items():
             await asyncio.gather(*(worker(sock, in_flight[name], per_worker) for _ in range(32)))
-    d99, m99 = pct(in_flight["direct"], 0.99), pct(in_flight["dmr"], 0.99)
-    print(
-        f"  32 in flight: direct p99 {d99 * 1e3:.2f} ms, dmr p99 {m99 * 1e3:.2f} ms, added "
-        f"{(m99 - d99) * 1e3:+.2f} ms (goal <= 1)"
-    )
+    d99 = pct(in_flight["direct"], 0.99)
+    print(f"  32 in flight: direct p99 {d99 * 1e3:.2f} ms")
+    for name in list(paths)[1:]:
+        m99 = pct(in_flight[name], 0.99)
+        print(f"  {name}: p99 {m99 * 1e3:.2f} ms, added {(m99 - d99) * 1e3:+.2f} ms (goal <= 1)")
 
 
-async def streaming(dmr: str, direct: str, runs: int) -> None:
+async def streaming(paths: dict[str, str], runs: int) -> None:
     stats: dict[str, dict[str, list[float]]] = {
-        n: {"ttft": [], "gap": [], "tps": []} for n in ("direct", "dmr")
+        n: {"ttft": [], "gap": [], "tps": []} for n in paths
     }
     for _ in range(runs):
-        for name, sock in (("direct", direct), ("dmr", dmr)):
+        for name, sock in paths.items():
             ttft, arrivals, _ = await exchange(sock, chat("ai/smol", 256, stream=True))
             gaps = [b - a for a, b in itertools.pairwise(arrivals)]
             stats[name]["ttft"].append(ttft)
             stats[name]["gap"].append(statistics.mean(gaps))
             stats[name]["tps"].append(256 / (arrivals[-1] - ttft))
     med = {n: {k: statistics.median(v) for k, v in s.items()} for n, s in stats.items()}
-    direct, dmr_ = med["direct"], med["dmr"]
+    direct = med["direct"]
     print(
         f"streaming ({runs} x 256 tokens, SmolLM2-135M shapes): TTFT direct "
-        f"{direct['ttft'] * 1e3:.2f} ms, added {(dmr_['ttft'] - direct['ttft']) * 1e3:+.3f} ms "
-        "(goal <= 0.3)"
+        f"{direct['ttft'] * 1e3:.2f} ms, mean gap {direct['gap'] * 1e3:.3f} ms"
     )
-    print(
-        f"  mean gap direct {direct['gap'] * 1e3:.3f} ms, dmr {dmr_['gap'] * 1e3:.3f} ms; "
-        f"tokens/s ratio dmr/direct {dmr_['tps'] / direct['tps']:.4f} (goal >= 0.995)"
-    )
+    for name in list(paths)[1:]:
+        other = med[name]
+        print(
+            f"  {name}: TTFT added {(other['ttft'] - direct['ttft']) * 1e3:+.3f} ms (goal <= 0.3),"
+            f" mean gap {other['gap'] * 1e3:.3f} ms, tokens/s ratio "
+            f"{other['tps'] / direct['tps']:.4f} (goal >= 0.995)"
+        )
 
 
 async def concurrency(dmr: str, direct: str) -> None:
@@ -242,16 +246,36 @@ async def run_all(sock: str, pid: int, args: argparse.Namespace) -> None:
     await exchange(sock, chat("ai/smol", 1))
     (direct_smol,) = runner_sockets(pid) - {direct_tiny}
     parts = set(args.only.split(","))
-    if "overhead" in parts:
-        await overhead(sock, direct_tiny, args.runs)
-    if "streaming" in parts:
-        await streaming(sock, direct_smol, args.stream_runs)
+    with tempfile.TemporaryDirectory(prefix="dmr-plain-") as tmp:
+        relays = [
+            plain_relay(f"{tmp}/{n}.sock", r) for n, r in (("t", direct_tiny), ("s", direct_smol))
+        ]
+        try:
+            for relay in relays:
+                while not os.path.exists(relay.args[-2]):
+                    await asyncio.sleep(0.01)
+            if "overhead" in parts:
+                paths = {"direct": direct_tiny, "plain relay": relays[0].args[-2], "dmr": sock}
+                await overhead(paths, args.runs)
+            if "streaming" in parts:
+                paths = {"direct": direct_smol, "plain relay": relays[1].args[-2], "dmr": sock}
+                await streaming(paths, args.stream_runs)
+        finally:
+            for relay in relays:
+                relay.terminate()
+                relay.wait()
     if "concurrency" in parts:
         await concurrency(sock, direct_smol)
     if "cache" in parts:
         await prompt_cache(sock)
     if "cold" in parts:
         await cold_start(sock, pid, direct_tiny, args.cold_runs)
+
+
+def plain_relay(listen: str, runner: str) -> subprocess.Popen[bytes]:
+    """benches/plain_relay.py in front of RUNNER: what any relay process costs here."""
+    script = Path(__file__).resolve().parent / "plain_relay.py"
+    return subprocess.Popen([sys.executable, str(script), listen, runner])
 
 
 async def cold_start(dmr: str, pid: int, tiny_socket: str, runs: int) -> None:
