@@ -35,7 +35,6 @@ from dmr_cli.server.upstream import (
 )
 
 CHAT_PATH = "/v1/chat/completions"
-# Request headers that describe the client's body or connection, not the request.
 # Response headers the daemon sets itself when it relays a runner's answer.
 _NOT_RELAYED = {"content-length", "transfer-encoding", "connection", "date", "server"}
 _ERROR_TYPES = {

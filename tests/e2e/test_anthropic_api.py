@@ -13,8 +13,7 @@ import httpx
 import pytest
 from anthropic.types import MessageParam
 
-from tests.helpers.daemon import Daemon, runner_env, start_daemon
-from tests.helpers.gguf_factory import make_tiny_llama
+from tests.helpers.daemon import Daemon, start_tiny
 
 MAX_TOKENS = 8
 SYSTEM = "You are terse."
@@ -44,13 +43,9 @@ def served(
 ) -> Iterator[tuple[str, Daemon]]:
     tmp = tmp_path_factory.mktemp(request.param)
     native = request.getfixturevalue("native_llama_server") if request.param == "native" else None
-    daemon = start_daemon(tmp / "home", **runner_env(request.param, tmp, native))
-    try:
-        result = daemon.cli("package", "--gguf", str(make_tiny_llama(tmp / "tiny.gguf")), "ai/tiny")
-        assert result.returncode == 0, result.stderr
-        yield request.param, daemon
-    finally:
-        daemon.stop()
+    daemon = start_tiny(request.param, tmp, native)
+    yield request.param, daemon
+    daemon.stop()
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers.daemon import Daemon, runner_env, start_daemon
-from tests.helpers.gguf_factory import make_tiny_llama
+from tests.helpers.daemon import Daemon, start_tiny
 
 PREFIXES = ["", "/v1", "/engines", "/engines/v1", "/engines/llama.cpp/v1"]
 MAX_TOKENS = 8
@@ -37,20 +36,13 @@ WEATHER: Any = {
 BODY_LIMIT = 10 * 1024 * 1024
 
 
-def serve(kind: str, tmp: Path, native: Path | None, **env: str) -> Daemon:
-    daemon = start_daemon(tmp / "home", **runner_env(kind, tmp, native), **env)
-    result = daemon.cli("package", "--gguf", str(make_tiny_llama(tmp / "tiny.gguf")), "ai/tiny")
-    assert result.returncode == 0, result.stderr
-    return daemon
-
-
 @pytest.fixture(scope="module", params=["native", "embedded"])
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[str, Daemon]]:
     tmp = tmp_path_factory.mktemp(request.param)
     native = request.getfixturevalue("native_llama_server") if request.param == "native" else None
-    daemon = serve(request.param, tmp, native)
+    daemon = start_tiny(request.param, tmp, native)
     try:
         yield request.param, daemon
     finally:
@@ -360,7 +352,7 @@ def test_unknown_ids_oversized_bodies_and_wrong_methods(served: tuple[str, Daemo
 
 def test_responses_expire(tmp_path: Path) -> None:
     """DMR_RESPONSES_TTL shortens the one-hour life of a stored response."""
-    daemon = serve("embedded", tmp_path, None, DMR_RESPONSES_TTL="1")
+    daemon = start_tiny("embedded", tmp_path, None, DMR_RESPONSES_TTL="1")
     try:
         with sdk(daemon) as client:
             response = client.responses.create(

@@ -121,6 +121,19 @@ def runner_env(kind: str, tmp: Path, llama_server: Path | None = None) -> dict[s
     return env
 
 
+def start_tiny(kind: str, tmp: Path, llama_server: Path | None, **env: str) -> Daemon:
+    """A daemon serving with runner KIND (see runner_env) and the generated tiny llama
+    packaged as ai/tiny."""
+    from tests.helpers.gguf_factory import make_tiny_llama
+
+    daemon = start_daemon(tmp / "home", **runner_env(kind, tmp, llama_server), **env)
+    result = daemon.cli("package", "--gguf", str(make_tiny_llama(tmp / "tiny.gguf")), "ai/tiny")
+    if result.returncode != 0:
+        daemon.stop()
+        raise RuntimeError(f"packaging the tiny model failed: {result.stderr}")
+    return daemon
+
+
 def runner_processes(daemon: Daemon) -> list[psutil.Process]:
     """The daemon's runner processes (native llama-server or the embedded engine)."""
     found = []
