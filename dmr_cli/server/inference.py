@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from dmr_cli.errors import DmrError
 from dmr_cli.server.http import BODY_LIMIT
-from dmr_cli.server.relay import UpstreamError, relay
+from dmr_cli.server.relay import FORWARDED, UpstreamError, relay
 from dmr_cli.server.scheduler import BACKENDS, DEFAULT_BACKEND, Runner
 from dmr_cli.server.state import State
 
@@ -36,6 +36,12 @@ MODES = {
     "/v1/images/generations": "image-generation",
 }
 
+
+# The request headers dmr reads: forwarded to the runner (relay.FORWARDED), asked for a preload,
+# or kept in the request log.
+_READ = frozenset(
+    name.encode() for name in (*FORWARDED, "x-preload-only", "user-agent", "x-request-origin")
+)
 
 # LiteLLM's docker_model_runner provider posts to `{api_base}/chat/completions` with
 # api_base `<dmr>/engines/llama.cpp`, without the /v1 DMR expects.
@@ -95,7 +101,7 @@ async def handle(
         return await _answer(state, send, path, 400, "invalid request")
     if not model:
         return await _answer(state, send, path, 400, "model is required")
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+    headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"] if k in _READ}
     scheduler = state.scheduler
     try:
         runner = await scheduler.acquire(model, MODES[path], backend, scheduler.store.get(model))

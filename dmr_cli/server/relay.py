@@ -35,8 +35,9 @@ _NOT_PASSED = {
     b"proxy-connection",
     b"access-control-allow-origin",  # the daemon decides CORS, not the runner (spec §2.1)
 }
+_FRAMING = frozenset({b"transfer-encoding", b"content-length", b"connection", b"content-type"})
 # Client headers a runner uses. Credentials for dmr itself stay here.
-_FORWARDED = ("accept", "anthropic-version", "anthropic-beta")
+FORWARDED = ("accept", "anthropic-version", "anthropic-beta")
 HIGH_WATER = 1 << 20  # stop reading from a runner whose client is slower than it
 HEAD_LIMIT = 64 * 1024
 REUSE_WINDOW = 1.0  # seconds an idle runner connection is kept for reuse
@@ -64,7 +65,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.transport: asyncio.Transport | None = None
         self.waiter: asyncio.Future[None] | None = None
-        self.expiry: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0  # event-loop clock, while in the pool
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -110,17 +111,20 @@ class _Connection(asyncio.Protocol):
 
 
 _idle: dict[Path, list[_Connection]] = {}
+_sweeps: dict[Path, asyncio.TimerHandle] = {}  # one timer a pool, not one a request
 
 
 async def _connect(socket: Path) -> _Connection:
     pool = _idle.get(socket)
-    while pool:
-        conn = pool.pop()
-        if conn.expiry is not None:
-            conn.expiry.cancel()
-        if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
-            return conn
-        conn.close()
+    if pool:
+        now = asyncio.get_running_loop().time()
+        while pool:
+            conn = pool.pop()
+            if not conn.closed and now - conn.idle_since < REUSE_WINDOW:
+                assert conn.transport is not None
+                if not conn.transport.is_closing():
+                    return conn
+            conn.close()
     try:
         _, conn = await asyncio.get_running_loop().create_unix_connection(_Connection, str(socket))
     except OSError as exc:
@@ -133,17 +137,27 @@ def _keep(socket: Path, conn: _Connection) -> None:
     if len(pool) >= IDLE_PER_RUNNER or conn.buffer:
         conn.close()
         return
-    conn.expiry = asyncio.get_running_loop().call_later(REUSE_WINDOW, _expire, socket, conn)
+    loop = asyncio.get_running_loop()
+    conn.idle_since = loop.time()
     pool.append(conn)
+    if socket not in _sweeps:
+        _sweeps[socket] = loop.call_later(REUSE_WINDOW, _sweep, socket)
 
 
-def _expire(socket: Path, conn: _Connection) -> None:
+def _sweep(socket: Path) -> None:
+    """Close the connections idle for the whole reuse window; come back for the others."""
+    del _sweeps[socket]
+    loop = asyncio.get_running_loop()
+    now = loop.time()
     pool = _idle.get(socket, [])
-    if conn in pool:
+    for conn in [c for c in pool if now - c.idle_since >= REUSE_WINDOW]:
         pool.remove(conn)
-    if not pool:
+        conn.close()
+    if pool:
+        oldest = min(c.idle_since for c in pool)
+        _sweeps[socket] = loop.call_later(oldest + REUSE_WINDOW - now, _sweep, socket)
+    else:
         _idle.pop(socket, None)
-    conn.close()
 
 
 async def relay(
@@ -165,7 +179,7 @@ async def relay(
     # The daemon parsed the body as JSON already; saying so spares runners that check the
     # header (llama-cpp-python does) from clients that send none (`curl -d`).
     head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Content-Type: application/json"]
-    head += [f"{name}: {headers[name]}" for name in _FORWARDED if name in headers]
+    head += [f"{name}: {headers[name]}" for name in FORWARDED if name in headers]
     head.append(f"Content-Length: {len(body)}")
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
     conn = await _connect(socket)
@@ -190,12 +204,9 @@ async def relay(
     try:
         assert conn.transport is not None
         conn.transport.write(request)
-        status, response_headers = await _read_head(conn)
-        # Content-Length passes (the body is relayed byte for byte); chunked framing is
-        # redone by the server; CORS is the daemon's to answer, not the runner's.
-        passed = [(k, v) for k, v in response_headers if k not in _NOT_PASSED]
+        status, passed, fields = await _read_head(conn)
         await send({"type": "http.response.start", "status": status, "headers": passed})
-        reusable = await _pump(conn, dict(response_headers), send)
+        reusable = await _pump(conn, fields, send)
         return status
     except asyncio.CancelledError:
         if hung_up:
@@ -218,7 +229,10 @@ async def _wait_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _read_head(conn: _Connection) -> tuple[int, list[tuple[bytes, bytes]]]:
+async def _read_head(
+    conn: _Connection,
+) -> tuple[int, list[tuple[bytes, bytes]], dict[bytes, bytes]]:
+    """The status, the headers the client gets, and the framing fields the relay reads."""
     buffer = conn.buffer
     while (end := buffer.find(b"\r\n\r\n")) < 0:
         if len(buffer) > HEAD_LIMIT:
@@ -233,11 +247,17 @@ async def _read_head(conn: _Connection) -> tuple[int, list[tuple[bytes, bytes]]]
         status = int(status_line.split(b" ", 2)[1])
     except (ValueError, IndexError) as exc:
         raise UpstreamError(f"bad answer from the runner: {status_line!r}") from exc
-    headers = []
+    passed, fields = [], {}
     for line in lines:
         name, _, value = line.partition(b":")
-        headers.append((name.strip().lower(), value.strip()))
-    return status, headers
+        name, value = name.strip().lower(), value.strip()
+        if name in _FRAMING:
+            fields[name] = value
+        # Content-Length passes (the body is relayed byte for byte); chunked framing is
+        # redone by the server; CORS is the daemon's to answer, not the runner's.
+        if name not in _NOT_PASSED:
+            passed.append((name, value))
+    return status, passed, fields
 
 
 async def _pump(conn: _Connection, fields: dict[bytes, bytes], send: Send) -> bool:
@@ -248,14 +268,18 @@ async def _pump(conn: _Connection, fields: dict[bytes, bytes], send: Send) -> bo
             await _pump_chunked(conn, send)
         elif b"content-length" in fields:
             remaining = int(fields[b"content-length"])
+            keep = fields.get(b"connection", b"").lower() != b"close"
             while remaining > 0:
                 if not conn.buffer:
                     await conn.more()
                     continue
                 data = conn.take(remaining)
                 remaining -= len(data)
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            reusable = fields.get(b"connection", b"").lower() != b"close"
+                # The last piece ends the response: one message less for most answers.
+                await send({"type": "http.response.body", "body": data, "more_body": remaining > 0})
+                if not remaining:
+                    return keep
+            reusable = keep  # an empty body
         else:
             while True:
                 if conn.buffer:

@@ -64,6 +64,9 @@ class Runner:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     error: DmrError | None = None
     last_used: float = field(default_factory=time.time)  # wall clock, for ps / expires_at
+    released: float = 0.0  # event-loop clock of the last release, for the expiry timer
+    # Armed at a release when none is; it re-arms itself for the rest of the keep_alive if the
+    # runner was used meanwhile, so a request costs no timer of its own.
     expiry: asyncio.TimerHandle | None = None
     # The embedded engine cannot batch: its requests take turns instead of cutting each other off.
     turn: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -139,9 +142,6 @@ class Scheduler:
             runner = self.runners.get(key)
             if runner is not None and not runner.stopping:
                 runner.refcount += 1
-                if runner.expiry:
-                    runner.expiry.cancel()
-                    runner.expiry = None
                 if not runner.ready.is_set():
                     try:
                         await runner.ready.wait()
@@ -175,7 +175,9 @@ class Scheduler:
             self._evict(runner, "idle")
         elif runner.keep_alive > 0:
             loop = asyncio.get_running_loop()
-            runner.expiry = loop.call_later(runner.keep_alive, self._expire, runner)
+            runner.released = loop.time()
+            if runner.expiry is None:
+                runner.expiry = loop.call_later(runner.keep_alive, self._expire, runner)
         self._notify()
 
     def ps(self) -> list[dict[str, Any]]:
@@ -221,8 +223,10 @@ class Scheduler:
             if runner.key.backend == backend and runner.key.mode == mode:
                 if same_process:
                     runner.keep_alive = _keep_alive(config)
-                    if runner.idle and runner.expiry is not None:  # re-arm with the new one
+                    if runner.expiry is not None:  # armed again with the new one
                         runner.expiry.cancel()
+                        runner.expiry = None
+                    if runner.idle:  # applied now: 0 unloads, a timer starts over
                         runner.refcount += 1
                         self.release(runner)
                     continue
@@ -433,7 +437,13 @@ class Scheduler:
 
     def _expire(self, runner: Runner) -> None:
         runner.expiry = None
-        if runner.idle and self.runners.get(runner.key) is runner:
+        if not runner.idle or runner.keep_alive < 0 or self.runners.get(runner.key) is not runner:
+            return  # in use (its release arms a timer again), kept forever, or gone
+        loop = asyncio.get_running_loop()
+        left = runner.released + runner.keep_alive - loop.time()
+        if left > 0:  # used since this timer was armed
+            runner.expiry = loop.call_later(left, self._expire, runner)
+        else:
             self._evict(runner, "idle")
 
     def _evict_lru(self, reason: str) -> asyncio.Future[Any] | None:

@@ -116,6 +116,26 @@ def test_keep_alive_expiry_and_zero(served: tuple[Daemon, httpx.Client]) -> None
     wait_for(lambda: runner_processes(daemon) == [], timeout=10)
 
 
+def test_keep_alive_counts_from_the_last_use(served: tuple[Daemon, httpx.Client]) -> None:
+    daemon, http = served
+    http.post("/engines/_configure", json={"model": "ai/tiny", "keep_alive": "2s"})
+    assert chat(http, "ai/tiny").status_code == 200
+    (pid,) = runner_processes(daemon)
+    for _ in range(3):  # 3 s in all, never 2 s idle
+        time.sleep(1.0)
+        assert chat(http, "ai/tiny").status_code == 200
+    assert runner_processes(daemon) == [pid]
+    started = time.monotonic()
+    wait_for(lambda: runner_processes(daemon) == [])
+    assert time.monotonic() - started > 1.5
+
+    # A shorter keep_alive applies to an idle runner at once.
+    http.post("/engines/_configure", json={"model": "ai/tiny", "keep_alive": "10m"})
+    assert chat(http, "ai/tiny").status_code == 200
+    http.post("/engines/_configure", json={"model": "ai/tiny", "keep_alive": "1s"})
+    wait_for(lambda: runner_processes(daemon) == [], timeout=10)
+
+
 def test_full_slots_evict_the_least_recently_used_idle_runner(
     served: tuple[Daemon, httpx.Client],
 ) -> None:
