@@ -112,6 +112,7 @@ class _Connection(asyncio.Protocol):
 
 _idle: dict[Path, list[_Connection]] = {}
 _sweeps: dict[Path, asyncio.TimerHandle] = {}  # one timer a pool, not one a request
+_spares: dict[Path, asyncio.Task[None]] = {}  # connections being opened ahead of need
 
 
 async def _connect(socket: Path) -> _Connection:
@@ -142,6 +143,27 @@ def _keep(socket: Path, conn: _Connection) -> None:
     pool.append(conn)
     if socket not in _sweeps:
         _sweeps[socket] = loop.call_later(REUSE_WINDOW, _sweep, socket)
+
+
+def _open_spare(socket: Path) -> None:
+    """Open the next request's connection now. llama-server closes its connection after
+    every streamed answer, and connecting first would delay the next stream's first token.
+    A connection that never carried a request is as safe to use as a new one."""
+    if socket in _spares or _idle.get(socket):
+        return
+
+    async def spare() -> None:
+        try:
+            _, conn = await asyncio.get_running_loop().create_unix_connection(
+                _Connection, str(socket)
+            )
+        except OSError:
+            return  # the runner is gone; the next request reports it
+        finally:
+            del _spares[socket]
+        _keep(socket, conn)
+
+    _spares[socket] = asyncio.get_running_loop().create_task(spare())
 
 
 def _sweep(socket: Path) -> None:
@@ -200,13 +222,14 @@ async def relay(
     else:  # no hook (in-process calls): a task watches `receive()` instead
         watcher = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
         watcher.add_done_callback(lambda task: None if task.cancelled() else hang_up())
-    reusable = False
+    reusable = answered = False
     try:
         assert conn.transport is not None
         conn.transport.write(request)
         status, passed, fields = await _read_head(conn)
         await send({"type": "http.response.start", "status": status, "headers": passed})
         reusable = await _pump(conn, fields, send)
+        answered = True
         return status
     except asyncio.CancelledError:
         if hung_up:
@@ -222,6 +245,8 @@ async def relay(
             _keep(socket, conn)
         else:
             conn.close()
+            if answered:
+                _open_spare(socket)
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -78,6 +78,7 @@ def run(runner: Runner, tmp_path: Path, scenario: Any) -> None:
             for sweep in relay._sweeps.values():
                 sweep.cancel()
             relay._sweeps.clear()
+            relay._spares.clear()
 
     asyncio.run(main())
 
@@ -103,6 +104,20 @@ def test_an_answer_saying_close_is_not_reused(tmp_path: Path) -> None:
 
     run(runner, tmp_path, scenario)
     assert [n for n, _ in runner.received] == [1, 1, 2]
+
+
+def test_a_closed_connection_is_replaced_before_the_next_request(tmp_path: Path) -> None:
+    """llama-server closes after each stream: the next one must not wait for a connect."""
+    runner = Runner()
+
+    async def scenario(socket: Path) -> None:
+        assert await call(socket, b"close") == (200, b"close")
+        await asyncio.sleep(0.05)
+        assert (runner.connections, runner.open) == (2, 1)  # opened, nothing sent on it
+        assert await call(socket, b"next") == (200, b"next")
+
+    run(runner, tmp_path, scenario)
+    assert runner.received == [(1, b"close"), (2, b"next")]
 
 
 def test_idle_connections_close_after_the_reuse_window(
