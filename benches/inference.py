@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -206,7 +208,6 @@ def main() -> None:
         tmp = Path(tmp_name)
         env = isolated_env(tmp / "home", LLAMA_SERVER_PATH=args.llama_server, DMR_NO_AUTO_START="1")
         sock = str(tmp / "dmr.sock")
-        env["MODEL_RUNNER_HOST"] = f"unix://{sock}"
         tiny = make_tiny_llama(tmp / "tiny.gguf")
         smol = make_tiny_llama(
             tmp / "smol.gguf",
@@ -218,26 +219,33 @@ def main() -> None:
             context_length=4096,
             ftype="F16",
         )
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "dmr_cli", "serve", "--socket", sock],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            while not os.path.exists(sock):
-                time.sleep(0.05)
-            for path, tag in ((tiny, "ai/tiny"), (smol, "ai/smol")):
-                subprocess.run(
-                    [sys.executable, "-m", "dmr_cli", "package", "--gguf", str(path), tag],
-                    env=env,
-                    check=True,
-                    capture_output=True,
-                )
-            asyncio.run(run_all(sock, daemon.pid, args))
-        finally:
-            daemon.terminate()
-            daemon.wait()
+        with serving(env, sock, {"ai/tiny": tiny, "ai/smol": smol}) as pid:
+            asyncio.run(run_all(sock, pid, args))
+
+
+@contextlib.contextmanager
+def serving(env: dict[str, str], sock: str, models: dict[str, Path]) -> Iterator[int]:
+    """`dmr serve` on SOCK with MODELS (tag → GGUF) packaged; yields the daemon's pid."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "dmr_cli", "serve", "--socket", sock],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not os.path.exists(sock):
+            time.sleep(0.05)
+        for tag, path in models.items():
+            subprocess.run(
+                [sys.executable, "-m", "dmr_cli", "package", "--gguf", str(path), tag],
+                env={**env, "MODEL_RUNNER_HOST": f"unix://{sock}"},
+                check=True,
+                capture_output=True,
+            )
+        yield daemon.pid
+    finally:
+        daemon.terminate()
+        daemon.wait()
 
 
 async def run_all(sock: str, pid: int, args: argparse.Namespace) -> None:

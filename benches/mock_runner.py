@@ -15,6 +15,8 @@ import asyncio
 import os
 import sys
 
+from plain_relay import split_request  # run as a script: benches/ is on the path
+
 VERSION = "version: 0.5.0-dev (build 1, commit 0c1e570)\nbuilt with mock for benches\n"
 ANSWER = (
     b'{"choices":[{"finish_reason":"length","index":0,"message":{"role":"assistant",'
@@ -36,14 +38,8 @@ class Handler(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            head = self.buffer[:end].lower()
-            at = head.find(b"content-length:")
-            length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
-            if len(self.buffer) < end + 4 + length:
-                return
-            body = self.buffer[end + 4 : end + 4 + length]
-            self.buffer = self.buffer[end + 4 + length :]
+        while (request := split_request(self.buffer)) is not None:
+            head, body, self.buffer = request
             self.answer(head, body)
 
     def answer(self, head: bytes, body: bytes) -> None:

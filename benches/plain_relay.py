@@ -13,6 +13,19 @@ import asyncio
 import sys
 
 
+def split_request(buffer: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(lowercased head, body, what follows) of the first whole request in BUFFER."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    head = buffer[:end].lower()
+    at = head.find(b"content-length:")
+    length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
+    if len(buffer) < end + 4 + length:
+        return None
+    return head, buffer[end + 4 : end + 4 + length], buffer[end + 4 + length :]
+
+
 class _Upstream(asyncio.Protocol):
     def __init__(self, client: _Client) -> None:
         self.client = client
@@ -37,13 +50,7 @@ class _Client(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = self.buffer[:end].lower()
-        at = head.find(b"content-length:")
-        length = int(head[at + 15 :].split(b"\r\n", 1)[0]) if at >= 0 else 0
-        if len(self.buffer) >= end + 4 + length:
+        if split_request(self.buffer) is not None:
             request, self.buffer = self.buffer, b""
             asyncio.get_running_loop().create_task(self._forward(request))
 

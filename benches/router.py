@@ -18,14 +18,20 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benches.inference import chat, exchange, overhead, plain_relay, runner_sockets
+from benches.inference import (
+    chat,
+    exchange,
+    overhead,
+    plain_relay,
+    runner_sockets,
+    serving,
+)
 from tests.helpers.daemon import isolated_env
 from tests.helpers.gguf_factory import make_tiny_llama
 
@@ -103,26 +109,9 @@ def main() -> None:
         env = isolated_env(tmp / "home", LLAMA_SERVER_PATH=str(mock), DMR_NO_AUTO_START="1")
         env["DMR_MOCK_HELP"] = str(help_file)
         sock = str(tmp / "dmr.sock")
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "dmr_cli", "serve", "--socket", sock],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            while not os.path.exists(sock):
-                time.sleep(0.05)
-            gguf = make_tiny_llama(tmp / "tiny.gguf")
-            subprocess.run(
-                [sys.executable, "-m", "dmr_cli", "package", "--gguf", str(gguf), "ai/tiny"],
-                env={**env, "MODEL_RUNNER_HOST": f"unix://{sock}"},
-                check=True,
-                capture_output=True,
-            )
-            asyncio.run(run_all(sock, daemon.pid, args))
-        finally:
-            daemon.terminate()
-            daemon.wait()
+        gguf = make_tiny_llama(tmp / "tiny.gguf")
+        with serving(env, sock, {"ai/tiny": gguf}) as pid:
+            asyncio.run(run_all(sock, pid, args))
 
 
 if __name__ == "__main__":

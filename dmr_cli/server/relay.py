@@ -117,15 +117,13 @@ _spares: dict[Path, asyncio.Task[None]] = {}  # connections being opened ahead o
 
 async def _connect(socket: Path) -> _Connection:
     pool = _idle.get(socket)
-    if pool:
-        now = asyncio.get_running_loop().time()
-        while pool:
-            conn = pool.pop()
-            if not conn.closed and now - conn.idle_since < REUSE_WINDOW:
-                assert conn.transport is not None
-                if not conn.transport.is_closing():
-                    return conn
-            conn.close()
+    now = asyncio.get_running_loop().time()
+    while pool:
+        conn = pool.pop()
+        fresh = not conn.closed and now - conn.idle_since < REUSE_WINDOW
+        if fresh and conn.transport is not None and not conn.transport.is_closing():
+            return conn
+        conn.close()
     try:
         _, conn = await asyncio.get_running_loop().create_unix_connection(_Connection, str(socket))
     except OSError as exc:
