@@ -124,7 +124,7 @@ class Scheduler:
         self._socket_seq = 0
         self._engine_log = EngineLog(settings.log_dir() / ENGINE_LOG)
         self._watchers: set[asyncio.Task[None]] = set()
-        self._preloads: set[asyncio.Task[None]] = set()
+        self._preloads: dict[ConfigKey, asyncio.Task[None]] = {}
         self._terminations: set[asyncio.Future[Any]] = set()
         self._stopping: set[Runner] = set()
 
@@ -219,6 +219,8 @@ class Scheduler:
             before is not None
             and replace(before, keep_alive=config.keep_alive).to_json() == config.to_json()
         )
+        if not same_process:
+            await self._cancel_preload(key)  # it would load the old configuration
         for runner in [r for r in self.runners.values() if r.key.model_id == model_id]:
             if runner.key.backend == backend and runner.key.mode == mode:
                 if same_process:
@@ -234,28 +236,44 @@ class Scheduler:
                     raise Conflict("runner already active")
                 self._evict(runner, "configure")
         if model is not None and config.keep_alive != 0:
-            self._preload(model_ref, mode, backend)
+            self._preload(key, model_ref)
 
-    def _preload(self, model_ref: str, mode: str, backend: str) -> None:
+    async def _cancel_preload(self, key: ConfigKey) -> None:
+        """Stop the preload of KEY, if one runs, and undo the load it started: that runner
+        is dmr's own doing, not a client's, so a new configuration replaces it instead of
+        meeting a busy runner. Not when clients wait on that load too."""
+        shared = any(
+            ConfigKey(r.key.backend, r.key.model_id, r.key.mode) == key and r.refcount > 1
+            for r in self.runners.values()
+        )
+        task = None if shared else self._preloads.pop(key, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _preload(self, key: ConfigKey, model_ref: str) -> None:
         """Load a just-configured model in the background, as DMR does, so the first
         request finds it ready; a failure shows on that request."""
 
         async def load() -> None:
             try:
                 runner = await asyncio.wait_for(
-                    self.acquire(model_ref, mode, backend), PRELOAD_TIMEOUT
+                    self.acquire(model_ref, key.mode, key.backend), PRELOAD_TIMEOUT
                 )
             except (DmrError, TimeoutError) as exc:
                 log.info("preloading %s after configure failed: %s", model_ref, exc)
                 return
             self.release(runner)
 
-        task = asyncio.get_running_loop().create_task(load())
-        self._preloads.add(task)
-        task.add_done_callback(self._preloads.discard)
+        if key in self._preloads:
+            return  # one is loading this configuration already
+        task = self._preloads[key] = asyncio.get_running_loop().create_task(load())
+        task.add_done_callback(
+            lambda _: self._preloads.pop(key, None) if self._preloads.get(key) is task else None
+        )
 
     async def shutdown(self) -> None:
-        for task in self._preloads:
+        for task in self._preloads.values():
             task.cancel()
         for runner in list(self.runners.values()):
             self._evict(runner)

@@ -196,6 +196,22 @@ def test_configure_restarts_the_runner_with_the_new_context_size(
     assert shown[0]["Model"] == "docker.io/ai/tiny:latest"
 
 
+def test_configure_during_its_own_preload_replaces_it(
+    served: tuple[Daemon, httpx.Client],
+) -> None:
+    """A preload holds its runner while loading; it is dmr's own, so a second configure
+    replaces it rather than failing with 'runner already active'."""
+    daemon, http = served
+    for size in (200, 224, 256):
+        response = http.post("/engines/_configure", json={"model": "ai/tiny", "context-size": size})
+        assert response.status_code == 202, response.text
+    wait_for(lambda: [e.get("loading") for e in http.get("/engines/ps").json()] == [None])
+    (runner,) = runner_processes(daemon)
+    cmdline = runner.cmdline()
+    flag = "--ctx-size" if "--ctx-size" in cmdline else "--n-ctx"
+    assert cmdline[cmdline.index(flag) + 1] == "256"
+
+
 def test_configure_preloads_the_model_in_the_background(
     served: tuple[Daemon, httpx.Client],
 ) -> None:
