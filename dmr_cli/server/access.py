@@ -2,7 +2,8 @@
 
 One ASGI middleware in front of the whole app. Everything it compares against is prepared
 at start-up, so a request costs one pass over its headers (and one SHA-256 when keys are
-configured); a request without an Origin reaches the app with its `send` untouched.
+configured). The CORS headers go on the exchange (the `dmr.sink` extension of dmr's HTTP
+server), so the app's `send` stays untouched.
 
 CORS: DMR allows `DMR_ORIGINS` plus localhost, 127.0.0.1 and 0.0.0.0 and lists
 `http://localhost:*` and the like, but matches origins exactly, so its `:*` entries match
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dmr_cli import config
 from dmr_cli.errors import DmrError
@@ -249,7 +250,8 @@ class Access:
             ]
             if scope["method"] == "OPTIONS":
                 return await _preflight(scope, send, cors)
-            send = _adding(send, cors)
+            # On the exchange, so that answers written without ASGI messages carry them too.
+            scope["extensions"]["dmr.sink"].extra_headers = tuple(cors)
         if self.policy.requires_key:
             bearer = None
             if authorization is not None and authorization[:7].lower() == b"bearer ":
@@ -260,17 +262,6 @@ class Access:
                 challenge = [(b"www-authenticate", _CHALLENGE[missing])]
                 return await _answer(send, 401, content_type, body, challenge)
         await self.app(scope, receive, send)
-
-
-def _adding(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
-    """SEND with HEADERS added to the response head."""
-
-    async def wrapped(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), *headers]}
-        await send(message)
-
-    return wrapped
 
 
 async def _preflight(scope: Scope, send: Send, cors: list[tuple[bytes, bytes]]) -> None:

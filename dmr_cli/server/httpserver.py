@@ -10,6 +10,11 @@ daemon binds loopback or a Unix socket; put a proxy in front for anything else).
 The response head waits for the first body chunk of the same event-loop turn, so a small
 answer leaves in one write; a head whose body comes later (a stream) is flushed at the end
 of the turn.
+
+Two extensions in the scope serve the inference relay: `dmr.sink`, the exchange itself, whose
+synchronous `start`/`body`/`paused` write a response without ASGI messages (relay.Sink), and
+whose `extra_headers` every response of the exchange carries; and `dmr.hang_up`, which
+reports a client going away to a callback instead of to a task waiting on `receive()`.
 """
 
 from __future__ import annotations
@@ -62,7 +67,6 @@ class Cycle:
     """One request and its response."""
 
     __slots__ = (
-        "body",
         "chunked",
         "complete",
         "conn",
@@ -70,10 +74,12 @@ class Cycle:
         "disconnected",
         "ended",
         "expect_continue",
+        "extra_headers",
         "hang_up",
         "head",
         "head_only",
         "keep_alive",
+        "received",
         "scope",
         "started",
         "waiter",
@@ -83,7 +89,7 @@ class Cycle:
         self.conn = conn
         self.scope = scope
         self.keep_alive = keep_alive
-        self.body: deque[bytes] = deque()
+        self.received: deque[bytes] = deque()  # request body not yet delivered
         self.complete = False  # the whole request body has arrived
         self.delivered = False  # ... and was handed to the app
         self.disconnected = False
@@ -95,6 +101,8 @@ class Cycle:
         self.waiter: asyncio.Future[None] | None = None
         self.expect_continue = False
         self.hang_up: Callable[[], None] | None = None
+        # Headers every response of this exchange carries (the CORS answer to its Origin).
+        self.extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def on_hang_up(self, callback: Callable[[], None] | None) -> None:
         """The `dmr.hang_up` extension: CALLBACK runs when the client goes away, at once
@@ -109,15 +117,17 @@ class Cycle:
 
     async def receive(self) -> Message:
         if not self.delivered:
-            while not (self.body or self.complete or self.disconnected or self.ended):
+            while not (self.received or self.complete or self.disconnected or self.ended):
                 if self.expect_continue:
                     self.expect_continue = False
                     self.conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 self.conn.resume_reading()
                 await self._wait()
             if not (self.disconnected or self.ended):
-                chunk = self.body.popleft() if len(self.body) == 1 else b"".join(self.body)
-                self.body.clear()
+                chunk = (
+                    self.received.popleft() if len(self.received) == 1 else b"".join(self.received)
+                )
+                self.received.clear()
                 more = not self.complete
                 if more:
                     self.conn.resume_reading()
@@ -137,41 +147,52 @@ class Cycle:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            if not self.started or self.ended:
-                raise RuntimeError("response body outside a started response")
-            if self.disconnected:
-                return
-            body = message.get("body", b"")
-            more = message.get("more_body", False)
-            out = []
-            if self.head is not None:
-                out.append(self.head)
-                self.head = None
-            if body and not self.head_only:
-                out.append(b"%x\r\n%b\r\n" % (len(body), body) if self.chunked else body)
-            if not more:
-                if self.chunked and not self.head_only:
-                    out.append(b"0\r\n\r\n")
-                self.ended = True
-            if out:
-                self.conn.write(out[0] if len(out) == 1 else b"".join(out))
-            if self.ended:
-                self.wake()
-                self.conn.cycle_done(self)
-            elif self.conn.write_paused is not None:
-                await self.conn.write_paused
+            self.body(message.get("body", b""), message.get("more_body", False))
+            if not self.ended and (paused := self.conn.write_paused) is not None:
+                await paused
         elif kind == "http.response.start":
-            if self.started:
-                raise RuntimeError("response already started")
-            self.started = True
-            self.head = self._head(message["status"], message.get("headers", ()))
-            asyncio.get_running_loop().call_soon(self._flush_head)
+            self.start(message["status"], message.get("headers", ()))
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    # -- the `dmr.sink` extension: the response written without ASGI messages (relay.Sink) --
+
+    def start(self, status: int, headers: Any) -> None:
+        if self.started:
+            raise RuntimeError("response already started")
+        self.started = True
+        self.head = self._head(status, headers)
+        self.conn.loop.call_soon(self._flush_head)
+
+    def body(self, data: bytes, more: bool) -> None:
+        if not self.started or self.ended:
+            raise RuntimeError("response body outside a started response")
+        if self.disconnected:
+            return
+        out = []
+        if self.head is not None:
+            out.append(self.head)
+            self.head = None
+        if data and not self.head_only:
+            out.append(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        if not more:
+            if self.chunked and not self.head_only:
+                out.append(b"0\r\n\r\n")
+            self.ended = True
+        if out:
+            self.conn.write(out[0] if len(out) == 1 else b"".join(out))
+        if self.ended:
+            self.wake()
+            self.conn.cycle_done(self)
+
+    def paused(self) -> asyncio.Future[None] | None:
+        return self.conn.write_paused
 
     def _head(self, status: int, headers: Any) -> bytes:
         lines = [b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b""))]
         has_length = False
+        if self.extra_headers:
+            headers = [*headers, *self.extra_headers]
         for name, value in headers:
             lowered = name.lower()
             if lowered == b"content-length":
@@ -291,7 +312,7 @@ class Connection(asyncio.Protocol):
             "state": {},
         }
         cycle = Cycle(self, scope, self.parser.should_keep_alive())
-        scope["extensions"] = {"dmr.hang_up": cycle.on_hang_up}
+        scope["extensions"] = {"dmr.hang_up": cycle.on_hang_up, "dmr.sink": cycle}
         cycle.expect_continue = (b"expect", b"100-continue") in self.headers
         self.parsing = cycle
         if self.cycle is None:
@@ -304,9 +325,9 @@ class Connection(asyncio.Protocol):
         cycle = self.parsing
         if cycle is None or cycle.disconnected or cycle.ended:
             return
-        cycle.body.append(body)
+        cycle.received.append(body)
         cycle.expect_continue = False
-        if sum(map(len, cycle.body)) > HIGH_WATER:
+        if sum(map(len, cycle.received)) > HIGH_WATER:
             self.pause_reading()
         cycle.wake()
 

@@ -2,7 +2,9 @@
 
 Every chat, completion, embedding and rerank request passes here, so it skips the web
 framework: the path is matched with a dict lookup, the body is read straight from ASGI, the
-model resolves from the store's in-memory index, and the answer is relayed byte for byte.
+model resolves from the store's in-memory index, and the answer is relayed byte for byte to
+the exchange's sink (the `dmr.sink` and `dmr.hang_up` extensions of dmr's HTTP server, or of
+an in-process call).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from dmr_cli.errors import DmrError
 from dmr_cli.server.http import BODY_LIMIT
-from dmr_cli.server.relay import FORWARDED, UpstreamError, relay
+from dmr_cli.server.relay import FORWARDED, HangUpHook, Sink, UpstreamError, relay
 from dmr_cli.server.scheduler import BACKENDS, DEFAULT_BACKEND, Runner
 from dmr_cli.server.state import State
 
@@ -114,12 +116,14 @@ async def handle(
             runner.key.model_id, model, "POST", scope["path"], body, headers, started
         )
         try:
-            recording = record.wrap_send(send)
+            extensions = scope["extensions"]
+            sink = record.recording(extensions["dmr.sink"])
+            hang_up = extensions["dmr.hang_up"]
             if runner.embedded:
                 async with runner.turn:
-                    await _relay(runner, path, headers, body, recording, receive, scope)
+                    await _relay(runner, path, headers, body, sink, hang_up)
             else:
-                await _relay(runner, path, headers, body, recording, receive, scope)
+                await _relay(runner, path, headers, body, sink, hang_up)
         finally:
             record.finish()
             state.metrics.request_done(path, record.status_code, record.ttfb)
@@ -134,17 +138,10 @@ def _answer(state: State, send: Send, path: str, status: int, message: str) -> A
 
 
 async def _relay(
-    runner: Runner,
-    path: str,
-    headers: dict[str, str],
-    body: bytes,
-    send: Send,
-    receive: Receive,
-    scope: Scope,
+    runner: Runner, path: str, headers: dict[str, str], body: bytes, sink: Sink, hang_up: HangUpHook
 ) -> None:
-    hook = scope.get("extensions", {}).get("dmr.hang_up")
     try:
-        await relay(runner.socket, "POST", path, headers, body, send, receive, hook)
+        await relay(runner.socket, "POST", path, headers, body, sink, hang_up)
     except UpstreamError as exc:
         # DMR's shape for a runner that went away before answering (spec §2.6 step 10).
         error: dict[str, Any] = {
@@ -154,7 +151,9 @@ async def _relay(
             "param": None,
             "sequence_number": 1,
         }
-        await send_bytes(send, 500, json.dumps(error).encode(), b"application/json")
+        data = json.dumps(error).encode()
+        sink.start(500, _headers(data, b"application/json"))
+        sink.body(data, False)
 
 
 async def read_body(receive: Receive) -> bytes | None:
@@ -177,14 +176,14 @@ async def read_body(receive: Receive) -> bytes | None:
 async def send_text(send: Send, status: int, message: str) -> None:
     """Go's http.Error, as the rest of the daemon answers (plain text, nosniff, newline)."""
     body = (message + "\n").encode() if message else b""
-    await send_bytes(send, status, body, b"text/plain; charset=utf-8")
+    headers = _headers(body, b"text/plain; charset=utf-8")
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
-async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes) -> None:
-    headers = [
+def _headers(body: bytes, content_type: bytes) -> list[tuple[bytes, bytes]]:
+    return [
         (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()),
         (b"x-content-type-options", b"nosniff"),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

@@ -2,7 +2,7 @@
 (spec §9.2).
 
 Recording sits on the inference path, so it costs what it must and no more: `start` keeps a
-reference to the request body, the wrapped ASGI `send` appends each response chunk to a list,
+reference to the request body, the recording sink appends each response chunk to a list,
 and `finish` marks the record done and wakes subscribers. Turning that into the record DMR
 shows (base64 media cut short, an event stream reassembled into one JSON answer) happens
 when someone reads the log, once per record, and off the event loop for large records.
@@ -16,14 +16,14 @@ import functools
 import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Message, Send
 
 from dmr_cli.server.http import query_bool
+from dmr_cli.server.relay import Sink
 
 MAX_RECORDS = 10  # per model, as DMR
 SUBSCRIBER_BUFFER = 100  # events a slow follower may lag behind before the oldest are dropped
@@ -88,19 +88,9 @@ class Record:
 
     # -- the hot path -------------------------------------------------------------------
 
-    def wrap_send(self, send: Send) -> Send:
-        """An ASGI `send` that records the status and the body on their way to the client."""
-
-        def recording_send(message: Message) -> Awaitable[None]:
-            if message["type"] == "http.response.body":
-                chunk = message.get("body", b"")
-                if chunk:
-                    self.response_chunk(chunk)
-            elif message["type"] == "http.response.start":
-                self.status_code = message["status"]
-            return send(message)
-
-        return recording_send
+    def recording(self, sink: Sink) -> Sink:
+        """SINK, with the status and the body recorded on their way to the client."""
+        return _Recording(self, sink)
 
     def response_chunk(self, chunk: bytes) -> None:
         if self.first_byte is None:
@@ -192,6 +182,28 @@ class Subscriber:
         if self.queue.full():
             self.queue.get_nowait()
         self.queue.put_nowait(record)
+
+
+class _Recording:
+    """A sink that tells a record what passes through it."""
+
+    __slots__ = ("record", "sink")
+
+    def __init__(self, record: Record, sink: Sink) -> None:
+        self.record = record
+        self.sink = sink
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.record.status_code = status
+        self.sink.start(status, headers)
+
+    def body(self, data: bytes, more: bool) -> None:
+        if data:
+            self.record.response_chunk(data)
+        self.sink.body(data, more)
+
+    def paused(self) -> asyncio.Future[None] | None:
+        return self.sink.paused()
 
 
 class Recorder:

@@ -1,11 +1,11 @@
 """Relay one HTTP exchange to a runner over its Unix socket, streaming the answer through.
 
-Plain asyncio instead of an HTTP client library: the body goes out unchanged, every chunk
-the runner writes is handed to the client as soon as it is read (no buffering, so no added
-gap between tokens), and a client that hangs up closes the runner connection, which makes
-llama-server stop generating. The runner connection is a bare protocol whose bytes land in
-one buffer that the relay parses in place: every request passes here, and asyncio's stream
-classes cost several times more per exchange.
+Plain asyncio instead of an HTTP client library: the body goes out unchanged, and the answer
+is parsed in the runner connection's own `data_received` and written to a `Sink` (the
+client's connection) from there, so each piece the runner writes reaches the client in the
+callback that read it: no task switch, no buffering, no added gap between tokens. The
+relaying task only waits for the end, and a client that hangs up cancels it, which closes the
+runner connection and makes llama-server stop generating.
 
 Connections are reused, which spares the runner an accept and a thread hand-off per request,
 but only when reuse cannot fail: after a complete length-delimited answer that did not say
@@ -21,8 +21,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from pathlib import Path
-
-from starlette.types import Receive, Send
+from typing import Protocol
 
 _NOT_PASSED = {
     b"server",
@@ -38,7 +37,6 @@ _NOT_PASSED = {
 _FRAMING = frozenset({b"transfer-encoding", b"content-length", b"connection", b"content-type"})
 # Client headers a runner uses. Credentials for dmr itself stay here.
 FORWARDED = ("accept", "anthropic-version", "anthropic-beta")
-HIGH_WATER = 1 << 20  # stop reading from a runner whose client is slower than it
 HEAD_LIMIT = 64 * 1024
 REUSE_WINDOW = 1.0  # seconds an idle runner connection is kept for reuse
 IDLE_PER_RUNNER = 2
@@ -48,8 +46,19 @@ RUNNER_DIED_EVENT = (
 )
 
 # How a server tells the relay that the client went away, without a task per request
-# watching `receive()`: `on_hang_up(callback)` arms it, `on_hang_up(None)` disarms it.
+# watching for it: `on_hang_up(callback)` arms it, `on_hang_up(None)` disarms it.
 HangUpHook = Callable[[Callable[[], None] | None], None]
+
+
+class Sink(Protocol):
+    """Where an answer goes. Synchronous, so that it can be written from a protocol callback."""
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
+
+    def body(self, data: bytes, more: bool) -> None: ...
+
+    def paused(self) -> asyncio.Future[None] | None:
+        """Done when the receiver takes more again; None while it does."""
 
 
 class UpstreamError(Exception):
@@ -57,14 +66,14 @@ class UpstreamError(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """A connection to a runner: what arrives is appended to `buffer`."""
+    """A connection to a runner; what arrives is appended to `buffer` and handed to the answer
+    being relayed, if any (bytes outside an answer keep the connection from being reused)."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
         self.closed = False
-        self.paused = False
         self.transport: asyncio.Transport | None = None
-        self.waiter: asyncio.Future[None] | None = None
+        self.answer: _Answer | None = None
         self.idle_since = 0.0  # event-loop clock, while in the pool
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -72,42 +81,179 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        if len(self.buffer) > HIGH_WATER and self.transport is not None:
-            self.paused = True
-            self.transport.pause_reading()
-        self._wake()
+        if self.answer is not None:
+            self.answer.advance()
 
     def eof_received(self) -> bool:
-        self.closed = True
-        self._wake()
+        self.connection_lost(None)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def more(self) -> None:
-        """Wait until more bytes arrived; UpstreamError when the runner closed instead."""
-        if self.closed:
-            raise UpstreamError("the runner closed the connection mid-answer")
-        if self.paused and self.transport is not None:
-            self.paused = False
-            self.transport.resume_reading()
-        self.waiter = asyncio.get_running_loop().create_future()
-        await self.waiter
-
-    def take(self, size: int) -> bytes:
-        data = bytes(self.buffer[:size])
-        del self.buffer[:size]
-        return data
+        if not self.closed:
+            self.closed = True
+            if self.answer is not None:
+                self.answer.runner_closed()
 
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class _Answer:
+    """The runner's answer to one request, parsed as it arrives and written to the sink."""
+
+    def __init__(self, conn: _Connection, sink: Sink) -> None:
+        self.conn = conn
+        self.sink = sink
+        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.status = 0
+        self.framing: str | None = None  # "length", "chunked" or "close", once the head is in
+        self.remaining = 0  # of a length-delimited body
+        self.keep = False  # the runner allows another request on the connection
+        self.event_stream = False
+
+    def advance(self) -> None:
+        """Relay what arrived (called from the protocol: a failure goes to the relaying task)."""
+        if self.done.done():
+            return
+        try:
+            if self.framing is None and not self._head():
+                return
+            if self.framing == "length":
+                self._length()
+            elif self.framing == "chunked":
+                self._chunks()
+            elif self.conn.buffer:
+                self.sink.body(self._take(len(self.conn.buffer)), True)
+            if not self.done.done() and (paused := self.sink.paused()) is not None:
+                self._pause(paused)
+        except Exception as exc:
+            if not self.done.done():
+                self.done.set_exception(exc)
+
+    def runner_closed(self) -> None:
+        if self.done.done():
+            return
+        try:
+            if self.framing is None:
+                said = "mid-answer" if self.conn.buffer else "without answering"
+                raise UpstreamError(f"the runner closed the connection {said}")
+            if self.framing == "close":
+                self.sink.body(b"", False)
+                self.done.set_result(False)
+            else:
+                self._cut()
+        except Exception as exc:
+            self.done.set_exception(exc)
+
+    def _cut(self) -> None:
+        """The runner died mid-answer. The status is already sent; an event stream at least gets
+        an error event, so clients report a failure instead of a short answer."""
+        if self.event_stream:
+            self.sink.body(RUNNER_DIED_EVENT, True)
+        self.sink.body(b"", False)
+        self.done.set_result(False)
+
+    def _take(self, size: int) -> bytes:
+        buffer = self.conn.buffer
+        if size >= len(buffer):
+            data = bytes(buffer)
+            buffer.clear()
+            return data
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    def _head(self) -> bool:
+        """Parse the head, once it is all in, and start the answer; False until then."""
+        buffer = self.conn.buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > HEAD_LIMIT:
+                raise UpstreamError("bad answer from the runner: the response head is too large")
+            return False
+        status_line, *lines = self._take(end + 4)[:-4].split(b"\r\n")
+        try:
+            status = int(status_line.split(b" ", 2)[1])
+        except (ValueError, IndexError) as exc:
+            raise UpstreamError(f"bad answer from the runner: {status_line!r}") from exc
+        passed, fields = [], {}
+        for line in lines:
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip()
+            if name in _FRAMING:
+                fields[name] = value
+            # Content-Length passes (the body is relayed byte for byte); chunked framing is
+            # redone by the server; CORS is the daemon's to answer, not the runner's.
+            if name not in _NOT_PASSED:
+                passed.append((name, value))
+        self.event_stream = fields.get(b"content-type", b"").startswith(b"text/event-stream")
+        if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
+            self.framing = "chunked"
+        elif b"content-length" in fields:
+            try:
+                self.remaining = int(fields[b"content-length"])
+            except ValueError as exc:
+                raise UpstreamError("bad answer from the runner: its Content-Length") from exc
+            self.framing = "length"
+            self.keep = fields.get(b"connection", b"").lower() != b"close"
+        else:
+            self.framing = "close"
+        self.status = status
+        self.sink.start(status, passed)
+        return True
+
+    def _length(self) -> None:
+        if self.conn.buffer:
+            data = self._take(self.remaining)
+            self.remaining -= len(data)
+            # The last piece ends the answer: one write for most answers, head included.
+            self.sink.body(data, self.remaining > 0)
+        elif self.remaining == 0:
+            self.sink.body(b"", False)
+        if self.remaining == 0:
+            # Bytes after the answer mean the connection is out of step: not reused.
+            self.done.set_result(self.keep and not self.conn.buffer)
+
+    def _chunks(self) -> None:
+        """Unframe the complete chunks at hand; they go on in one piece."""
+        buffer = self.conn.buffer
+        pieces: list[bytes] = []
+        at = 0
+        last = broken = False
+        while (eol := buffer.find(b"\r\n", at)) >= 0:
+            try:
+                size = int(bytes(buffer[at:eol]).split(b";", 1)[0].strip() or b"0", 16)
+            except ValueError:
+                broken = True  # the answer cannot be read past here
+                break
+            if size == 0:
+                last = True  # trailers, if any, are dropped with the connection
+                break
+            if len(buffer) < eol + 2 + size + 2:
+                break
+            pieces.append(bytes(buffer[eol + 2 : eol + 2 + size]))
+            at = eol + 2 + size + 2
+        del buffer[:at]
+        if pieces or last:
+            self.sink.body(b"".join(pieces), not last)
+        if last:
+            self.done.set_result(False)
+        elif broken:
+            self._cut()
+
+    def _pause(self, paused: asyncio.Future[None]) -> None:
+        """Stop reading from a runner whose client is slower, until the client catches up."""
+        transport = self.conn.transport
+        if transport is None or self.conn.closed:
+            return
+        transport.pause_reading()
+
+        def resume(_: object) -> None:
+            if not self.conn.closed:
+                transport.resume_reading()
+
+        paused.add_done_callback(resume)
 
 
 _idle: dict[Path, list[_Connection]] = {}
@@ -120,7 +266,7 @@ async def _connect(socket: Path) -> _Connection:
     now = asyncio.get_running_loop().time()
     while pool:
         conn = pool.pop()
-        fresh = not conn.closed and now - conn.idle_since < REUSE_WINDOW
+        fresh = not conn.closed and not conn.buffer and now - conn.idle_since < REUSE_WINDOW
         if fresh and conn.transport is not None and not conn.transport.is_closing():
             return conn
         conn.close()
@@ -186,15 +332,13 @@ async def relay(
     path: str,
     headers: Mapping[str, str],
     body: bytes,
-    send: Send,
-    receive: Receive,
-    on_hang_up: HangUpHook | None = None,
+    sink: Sink,
+    on_hang_up: HangUpHook,
 ) -> int:
-    """Send the request to the runner and stream its response to the ASGI `send`.
+    """Send the request to the runner and relay its answer to SINK.
 
     Returns the runner's status (499 when the client went away). Raises UpstreamError when
-    nothing was sent to the client yet; after the response started, a failure just ends the
-    body early.
+    nothing was sent to the sink yet; after the answer started, a failure just ends it early.
     """
     # The daemon parsed the body as JSON already; saying so spares runners that check the
     # header (llama-cpp-python does) from clients that send none (`curl -d`).
@@ -203,143 +347,34 @@ async def relay(
     head.append(f"Content-Length: {len(body)}")
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
     conn = await _connect(socket)
+    answer = conn.answer = _Answer(conn, sink)
     relaying = asyncio.current_task()
-    assert relaying is not None
-    hung_up = active = False
+    assert relaying is not None and conn.transport is not None
+    hung_up = False
 
     def hang_up() -> None:
         nonlocal hung_up
-        if active and not hung_up:
+        if not hung_up and not answer.done.done():
             hung_up = True
             relaying.cancel()  # closes the runner connection below: llama-server stops
 
-    active = True
-    watcher = None
-    if on_hang_up is not None:
-        on_hang_up(hang_up)
-    else:  # no hook (in-process calls): a task watches `receive()` instead
-        watcher = asyncio.get_running_loop().create_task(_wait_disconnect(receive))
-        watcher.add_done_callback(lambda task: None if task.cancelled() else hang_up())
+    on_hang_up(hang_up)
     reusable = answered = False
     try:
-        assert conn.transport is not None
         conn.transport.write(request)
-        status, passed, fields = await _read_head(conn)
-        await send({"type": "http.response.start", "status": status, "headers": passed})
-        reusable = await _pump(conn, fields, send)
+        reusable = await answer.done
         answered = True
-        return status
+        return answer.status
     except asyncio.CancelledError:
         if hung_up:
             return 499
         raise
     finally:
-        active = False
-        if on_hang_up is not None:
-            on_hang_up(None)
-        if watcher is not None:
-            watcher.cancel()
+        on_hang_up(None)
+        conn.answer = None
         if reusable:
             _keep(socket, conn)
         else:
             conn.close()
             if answered:
                 _open_spare(socket)
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _read_head(
-    conn: _Connection,
-) -> tuple[int, list[tuple[bytes, bytes]], dict[bytes, bytes]]:
-    """The status, the headers the client gets, and the framing fields the relay reads."""
-    buffer = conn.buffer
-    while (end := buffer.find(b"\r\n\r\n")) < 0:
-        if len(buffer) > HEAD_LIMIT:
-            raise UpstreamError("bad answer from the runner: the response head is too large")
-        if conn.closed:
-            if buffer:
-                raise UpstreamError("the runner closed the connection mid-answer")
-            raise UpstreamError("the runner closed the connection without answering")
-        await conn.more()
-    status_line, *lines = conn.take(end + 4)[:-4].split(b"\r\n")
-    try:
-        status = int(status_line.split(b" ", 2)[1])
-    except (ValueError, IndexError) as exc:
-        raise UpstreamError(f"bad answer from the runner: {status_line!r}") from exc
-    passed, fields = [], {}
-    for line in lines:
-        name, _, value = line.partition(b":")
-        name, value = name.strip().lower(), value.strip()
-        if name in _FRAMING:
-            fields[name] = value
-        # Content-Length passes (the body is relayed byte for byte); chunked framing is
-        # redone by the server; CORS is the daemon's to answer, not the runner's.
-        if name not in _NOT_PASSED:
-            passed.append((name, value))
-    return status, passed, fields
-
-
-async def _pump(conn: _Connection, fields: dict[bytes, bytes], send: Send) -> bool:
-    """Relay the body; True when the connection may carry another request."""
-    reusable = False
-    try:
-        if b"chunked" in fields.get(b"transfer-encoding", b"").lower():
-            await _pump_chunked(conn, send)
-        elif b"content-length" in fields:
-            remaining = int(fields[b"content-length"])
-            keep = fields.get(b"connection", b"").lower() != b"close"
-            while remaining > 0:
-                if not conn.buffer:
-                    await conn.more()
-                    continue
-                data = conn.take(remaining)
-                remaining -= len(data)
-                # The last piece ends the response: one message less for most answers.
-                await send({"type": "http.response.body", "body": data, "more_body": remaining > 0})
-                if not remaining:
-                    return keep
-            reusable = keep  # an empty body
-        else:
-            while True:
-                if conn.buffer:
-                    data = conn.take(len(conn.buffer))
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
-                if conn.closed:
-                    break
-                await conn.more()
-    except (OSError, ValueError, UpstreamError):
-        # The runner died mid-answer. The status is already sent; an event stream at least
-        # gets an error event, so clients report a failure instead of a short answer.
-        if fields.get(b"content-type", b"").startswith(b"text/event-stream"):
-            await send({"type": "http.response.body", "body": RUNNER_DIED_EVENT, "more_body": True})
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
-    return reusable
-
-
-async def _pump_chunked(conn: _Connection, send: Send) -> None:
-    """Unframe chunks as they arrive; all complete chunks at hand go out in one piece."""
-    buffer = conn.buffer
-    while True:
-        pieces: list[bytes] = []
-        at = 0
-        while (eol := buffer.find(b"\r\n", at)) >= 0:
-            size = int(bytes(buffer[at:eol]).split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:
-                if pieces:
-                    await send(
-                        {"type": "http.response.body", "body": b"".join(pieces), "more_body": True}
-                    )
-                del buffer[:at]
-                return  # the last chunk (trailers, if any, are dropped with the connection)
-            if len(buffer) < eol + 2 + size + 2:
-                break
-            pieces.append(bytes(buffer[eol + 2 : eol + 2 + size]))
-            at = eol + 2 + size + 2
-        if pieces:
-            del buffer[:at]
-            await send({"type": "http.response.body", "body": b"".join(pieces), "more_body": True})
-        await conn.more()

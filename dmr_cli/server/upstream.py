@@ -84,6 +84,22 @@ class Exchange:
             await self._task
 
 
+class _QueueSink:
+    """The relay's sink for an in-process call: the answer goes to the Exchange's queue."""
+
+    def __init__(self, queue: asyncio.Queue[Message | None]) -> None:
+        self.queue = queue
+
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.queue.put_nowait({"type": "http.response.start", "status": status, "headers": headers})
+
+    def body(self, data: bytes, more: bool) -> None:
+        self.queue.put_nowait({"type": "http.response.body", "body": data, "more_body": more})
+
+    def paused(self) -> None:
+        return None
+
+
 @contextlib.asynccontextmanager
 async def call(
     state: State,
@@ -101,6 +117,8 @@ async def call(
         "headers": [
             (k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()
         ],
+        # Leaving the call cancels its task: there is no hang-up to report.
+        "extensions": {"dmr.sink": _QueueSink(queue), "dmr.hang_up": lambda callback: None},
     }
     sent = False
 

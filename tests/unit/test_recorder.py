@@ -37,27 +37,42 @@ def sse(*chunks: Any, done: bool = True) -> bytes:
     return ("".join(lines) + ("data: [DONE]\n\n" if done else "")).encode()
 
 
-async def answer(record: Record, status: int, *chunks: bytes) -> list[Message]:
-    """Send an answer through the record's wrapped `send`, as the relay does."""
-    sent: list[Message] = []
+class Sink:
+    """The client's end: what reached it through the record's sink."""
 
-    async def send(message: Message) -> None:
-        sent.append(message)
+    def __init__(self) -> None:
+        self.status = 0
+        self.chunks: list[bytes] = []
+        self.ended = False
 
-    wrapped = record.wrap_send(send)
-    await wrapped({"type": "http.response.start", "status": status, "headers": []})
+    def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+
+    def body(self, data: bytes, more: bool) -> None:
+        if data:
+            self.chunks.append(data)
+        self.ended = not more
+
+    def paused(self) -> None:
+        return None
+
+
+def answer(record: Record, status: int, *chunks: bytes) -> None:
+    """An answer sent through the record's sink, as the relay sends it."""
+    client = Sink()
+    sink = record.recording(client)
+    sink.start(status, [])
     for chunk in chunks:
-        await wrapped({"type": "http.response.body", "body": chunk, "more_body": True})
-    await wrapped({"type": "http.response.body", "body": b"", "more_body": False})
-    return sent
+        sink.body(chunk, True)
+    sink.body(b"", False)
+    assert (client.status, client.chunks, client.ended) == (status, list(chunks), True)
 
 
 def exchange(recorder: Recorder, status: int, *chunks: bytes, body: bytes = CHAT) -> Record:
     record = recorder.start(
         MODEL_ID, "ai/tiny", "POST", "/engines/v1/chat/completions", body, HEADERS, started=0.0
     )
-    sent = asyncio.run(answer(record, status, *chunks))
-    assert [m.get("body") for m in sent[1:-1]] == list(chunks)  # passed through unchanged
+    answer(record, status, *chunks)
     record.finish()
     return record
 
@@ -397,7 +412,7 @@ def test_json_route(state: SimpleNamespace) -> None:
     assert json.loads(body_of(asyncio.run(get(app)))) == []
     recorder: Recorder = state.recorder
     record = recorder.start(state.model_id, "tiny", "POST", "/v1/chat/completions", CHAT, HEADERS)
-    asyncio.run(answer(record, 200, b'{"ok":true}'))
+    answer(record, 200, b'{"ok":true}')
     record.finish()
     other = "sha256:" + "cd" * 32
     recorder.start(other, "gone", "POST", "/v1/embeddings", b"{}", {})  # still running
@@ -442,7 +457,7 @@ def test_event_stream_route(state: SimpleNamespace) -> None:
         while len(events) < 2:  # connected + one existing_request
             await asyncio.sleep(0.01)
         record = recorder.start(state.model_id, "ai/tiny", "POST", "/v1/chat/completions", CHAT, {})
-        await answer(record, 200, sse(chat_chunk({"content": "yo"})))
+        answer(record, 200, sse(chat_chunk({"content": "yo"})))
         record.finish()
         recorder.start("sha256:" + "cd" * 32, "x", "POST", "/v1/completions", b"{}", {}).finish(200)
         while len(events) < 3:
