@@ -141,7 +141,7 @@ class Cycle:
         return _DISCONNECT
 
     def _wait(self) -> asyncio.Future[None]:
-        self.waiter = asyncio.get_running_loop().create_future()
+        self.waiter = self.conn.loop.create_future()
         return self.waiter
 
     async def send(self, message: Message) -> None:
@@ -417,7 +417,7 @@ class Server:
         self.port = 0  # the TCP port bound (useful with port 0)
 
     def run(self, cycle: Cycle) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(cycle))
+        task = cycle.conn.loop.create_task(self._run(cycle))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -70,6 +70,9 @@ class _Connection(asyncio.Protocol):
     being relayed, if any (bytes outside an answer keep the connection from being reused)."""
 
     def __init__(self) -> None:
+        # Kept, not looked up per request: Python 3.11 asks the kernel for the pid on every
+        # `asyncio.get_running_loop()`.
+        self.loop = asyncio.get_running_loop()
         self.buffer = bytearray()
         self.closed = False
         self.transport: asyncio.Transport | None = None
@@ -105,7 +108,7 @@ class _Answer:
     def __init__(self, conn: _Connection, sink: Sink) -> None:
         self.conn = conn
         self.sink = sink
-        self.done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self.done: asyncio.Future[bool] = conn.loop.create_future()
         self.status = 0
         self.framing: str | None = None  # "length", "chunked" or "close", once the head is in
         self.remaining = 0  # of a length-delimited body
@@ -263,10 +266,10 @@ _spares: dict[Path, asyncio.Task[None]] = {}  # connections being opened ahead o
 
 async def _connect(socket: Path) -> _Connection:
     pool = _idle.get(socket)
-    now = asyncio.get_running_loop().time()
     while pool:
         conn = pool.pop()
-        fresh = not conn.closed and not conn.buffer and now - conn.idle_since < REUSE_WINDOW
+        age = conn.loop.time() - conn.idle_since
+        fresh = not conn.closed and not conn.buffer and age < REUSE_WINDOW
         if fresh and conn.transport is not None and not conn.transport.is_closing():
             return conn
         conn.close()
@@ -282,7 +285,7 @@ def _keep(socket: Path, conn: _Connection) -> None:
     if len(pool) >= IDLE_PER_RUNNER or conn.buffer:
         conn.close()
         return
-    loop = asyncio.get_running_loop()
+    loop = conn.loop
     conn.idle_since = loop.time()
     pool.append(conn)
     if socket not in _sweeps:
@@ -348,7 +351,7 @@ async def relay(
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
     conn = await _connect(socket)
     answer = conn.answer = _Answer(conn, sink)
-    relaying = asyncio.current_task()
+    relaying = asyncio.current_task(conn.loop)
     assert relaying is not None and conn.transport is not None
     hung_up = False
 
