@@ -124,10 +124,9 @@ class Cycle:
                 self.conn.resume_reading()
                 await self._wait()
             if not (self.disconnected or self.ended):
-                chunk = (
-                    self.received.popleft() if len(self.received) == 1 else b"".join(self.received)
-                )
-                self.received.clear()
+                received = self.received
+                chunk = received.popleft() if len(received) == 1 else b"".join(received)
+                received.clear()
                 more = not self.complete
                 if more:
                     self.conn.resume_reading()
