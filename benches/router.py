@@ -4,7 +4,7 @@ benches/inference.py measures dmr in front of a real llama-server; on two cores 
 compute and the router share the CPU, so its overhead figures move by ±0.2 ms from run to
 run. Here the runner does nothing, so what remains is the router: the added latency of dmr and
 of benches/plain_relay.py against the runner addressed directly (interleaved, same run), and
-the CPU time each router process spends per request.
+the CPU time each router process spends per request and per streamed answer (64 events).
 
     .venv/bin/python benches/router.py [--runs 3000] [--llama-server PATH]
 """
@@ -19,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -38,14 +36,18 @@ from tests.helpers.gguf_factory import make_tiny_llama
 HERE = Path(__file__).resolve().parent
 
 
-async def cpu_per_request(pid: int, sock: str, runs: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """CPU time of PID's threads, to the nanosecond (psutil counts 10 ms clock ticks)."""
+    tasks = Path(f"/proc/{pid}/task").glob("*/schedstat")
+    return sum(int(task.read_text().split()[0]) for task in tasks) / 1e9
+
+
+async def cpu_per_request(pid: int, sock: str, runs: int, stream: bool = False) -> float:
     """Seconds of CPU process PID spends per sequential request sent to SOCK."""
-    process = psutil.Process(pid)
-    before = process.cpu_times()
+    before = cpu_seconds(pid)
     for _ in range(runs):
-        await exchange(sock, chat("ai/tiny", 1))
-    after = process.cpu_times()
-    return (after.user - before.user + after.system - before.system) / runs
+        await exchange(sock, chat("ai/tiny", 1, stream=stream))
+    return (cpu_seconds(pid) - before) / runs
 
 
 async def streaming(paths: dict[str, str], runs: int) -> None:
@@ -72,17 +74,19 @@ async def run_all(sock: str, pid: int, args: argparse.Namespace) -> None:
             paths = {"direct": runner, "plain relay": f"{tmp}/relay.sock", "dmr": sock}
             await overhead(paths, args.runs)
             await streaming(paths, max(20, args.runs // 30))
-            cpu = {"plain relay": [], "dmr": []}
-            for _ in range(3):
-                cpu["plain relay"].append(
-                    await cpu_per_request(relay.pid, paths["plain relay"], args.runs // 3)
+            routers = {"plain relay": relay.pid, "dmr": pid}
+            for stream, runs, unit in ((False, args.runs // 3, "request"), (True, 20, "stream")):
+                cpu: dict[str, list[float]] = {name: [] for name in routers}
+                for _ in range(3):
+                    for name, router in routers.items():
+                        cpu[name].append(
+                            await cpu_per_request(router, paths[name], runs, stream=stream)
+                        )
+                plain, dmr = (statistics.median(cpu[n]) for n in routers)
+                print(
+                    f"CPU per {unit} (median of 3 x {runs}): plain relay {plain * 1e6:.0f} us, "
+                    f"dmr {dmr * 1e6:.0f} us ({dmr / plain:.2f}x)"
                 )
-                cpu["dmr"].append(await cpu_per_request(pid, sock, args.runs // 3))
-            plain, dmr = (statistics.median(cpu[n]) for n in ("plain relay", "dmr"))
-            print(
-                f"CPU per request (median of 3 x {args.runs // 3}): plain relay "
-                f"{plain * 1e6:.0f} us, dmr {dmr * 1e6:.0f} us ({dmr / plain:.2f}x)"
-            )
         finally:
             relay.terminate()
             relay.wait()
