@@ -15,7 +15,7 @@ import asyncio
 import os
 import sys
 
-from plain_relay import split_request  # run as a script: benches/ is on the path
+from plain_relay import Requests  # run as a script: benches/ is on the path
 
 VERSION = "version: 0.5.0-dev (build 1, commit 0c1e570)\nbuilt with mock for benches\n"
 ANSWER = (
@@ -28,21 +28,8 @@ EVENT = (
 )
 
 
-class Handler(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.buffer = b""
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while (request := split_request(self.buffer)) is not None:
-            head, body, self.buffer = request
-            self.answer(head, body)
-
-    def answer(self, head: bytes, body: bytes) -> None:
+class Handler(Requests):
+    def request(self, raw: bytes, head: bytes, body: bytes) -> None:
         assert self.transport is not None
         if head.startswith(b"get /health"):
             self.respond(b'{"status":"ok"}')
