@@ -117,6 +117,9 @@ class Scheduler:
         self.metrics = metrics
         self.recorder = recorder
         self.slots = int(settings.env("DMR_SLOTS") or 0) or settings.default_slots()
+        # Kept: Python 3.11 asks the kernel for the pid on every `asyncio.get_running_loop()`,
+        # and release() runs once a request.
+        self._loop = asyncio.get_running_loop()
         self.runners: dict[RunnerKey, Runner] = {}
         self._changed = asyncio.Condition()
         self._waiting = 0  # acquire() calls waiting for a slot
@@ -174,10 +177,9 @@ class Scheduler:
         if runner.keep_alive == 0:
             self._evict(runner, "idle")
         elif runner.keep_alive > 0:
-            loop = asyncio.get_running_loop()
-            runner.released = loop.time()
+            runner.released = self._loop.time()
             if runner.expiry is None:
-                runner.expiry = loop.call_later(runner.keep_alive, self._expire, runner)
+                runner.expiry = self._loop.call_later(runner.keep_alive, self._expire, runner)
         self._notify()
 
     def ps(self) -> list[dict[str, Any]]:
@@ -267,7 +269,7 @@ class Scheduler:
 
         if key in self._preloads:
             return  # one is loading this configuration already
-        task = self._preloads[key] = asyncio.get_running_loop().create_task(load())
+        task = self._preloads[key] = self._loop.create_task(load())
         task.add_done_callback(
             lambda _: self._preloads.pop(key, None) if self._preloads.get(key) is task else None
         )
@@ -449,7 +451,7 @@ class Scheduler:
                 log.warning("runner for %s exited unexpectedly (status %s)", runner.model_ref, code)
                 self._forget(runner, "crashed")
 
-        task = asyncio.get_running_loop().create_task(watch())
+        task = self._loop.create_task(watch())
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
 
@@ -457,7 +459,7 @@ class Scheduler:
         runner.expiry = None
         if not runner.idle or runner.keep_alive < 0 or self.runners.get(runner.key) is not runner:
             return  # in use (its release arms a timer again), kept forever, or gone
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         left = runner.released + runner.keep_alive - loop.time()
         if left > 0:  # used since this timer was armed
             runner.expiry = loop.call_later(left, self._expire, runner)
@@ -489,7 +491,7 @@ class Scheduler:
     def _evict(self, runner: Runner, reason: str | None = None) -> asyncio.Future[Any]:
         """Forget the runner at once and stop its process (SIGINT, then SIGKILL)."""
         self._forget(runner, reason)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         if runner.process is None:
             done: asyncio.Future[Any] = loop.create_future()
             done.set_result(None)
@@ -515,7 +517,7 @@ class Scheduler:
             async with self._changed:
                 self._changed.notify_all()
 
-        asyncio.get_running_loop().create_task(notify())
+        self._loop.create_task(notify())
 
 
 def _keep_alive(config: RunnerConfig) -> float:
