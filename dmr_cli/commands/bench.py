@@ -242,6 +242,14 @@ def bench(
     ] = DEFAULT_MAX_TOKENS,
     json_output: Annotated[bool, Option("--json", help="Print the results as JSON")] = False,
     timeout: Annotated[str, Option("--timeout", help="Timeout of each request")] = "5m",
+    prompt_cache: Annotated[
+        bool,
+        Option(
+            "--prompt-cache/--no-prompt-cache",
+            help="Let llama-server reuse the prompt it evaluated before (off: every request "
+            "evaluates it, and TTFT includes that; the embedded engine always reuses it)",
+        ),
+    ] = True,
 ) -> None:
     """Measure tokens per second and time to first token at each concurrency level.
 
@@ -249,6 +257,10 @@ def bench(
     warm-up request. TOKENS/S counts every generated token over the level's wall time;
     STREAM TOKENS/S is one stream's decoding speed (tokens after the first, over the time
     after the first), averaged; TTFT is the time to the first generated token.
+
+    Every request sends the same prompt, as DMR's bench does, so the runner evaluates it once
+    per slot and later requests find it cached: TTFT is then that of a repeated prompt. With
+    --no-prompt-cache each request evaluates the whole prompt, as a new conversation would.
     """
     try:
         levels = parse_levels(concurrency)
@@ -267,6 +279,8 @@ def bench(
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if not prompt_cache:
+        body["cache_prompt"] = False  # llama-server's per-request switch
     results = asyncio.run(_bench(body, levels, seconds, limit))
     for result in results:
         if result.first_error:
@@ -278,6 +292,7 @@ def bench(
                     "model": model,
                     "prompt": prompt,
                     "max_tokens": max_tokens,
+                    "prompt_cache": prompt_cache,
                     "duration_s": seconds,
                     "results": [r.to_json() for r in results],
                 }

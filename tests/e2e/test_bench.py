@@ -7,9 +7,11 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from dmr_cli.commands.bench import (
+    DEFAULT_PROMPT,
     Sample,
     count_chunk,
     parse_levels,
@@ -127,3 +129,41 @@ def test_bench_table_and_bad_options(served: Daemon) -> None:
         bad = served.cli("bench", "ai/tiny", option, value)
         assert bad.returncode == 2, bad.stderr
         assert option in bad.stderr
+
+
+def prompt_tokens_evaluated(daemon: Daemon) -> float:
+    """The runner's own count of prompt tokens it evaluated (cached ones are not)."""
+    metrics = httpx.get(f"{daemon.url}/metrics", timeout=30).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("llamacpp:prompt_tokens_total{")
+    )
+
+
+def test_no_prompt_cache_makes_every_request_evaluate_its_prompt(served: Daemon) -> None:
+    answer = httpx.post(
+        f"{served.url}/engines/v1/chat/completions",
+        json={"model": "ai/tiny", "messages": [{"role": "user", "content": DEFAULT_PROMPT}],
+              "max_tokens": 1},
+        timeout=60,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    prompt = answer.json()["usage"]["prompt_tokens"]
+    evaluated = {}
+    for flag in ("--prompt-cache", "--no-prompt-cache"):
+        before = prompt_tokens_evaluated(served)
+        result = served.cli(
+            "bench", "ai/tiny", "--concurrency", "1", "--duration", "1s", "--max-tokens", "4",
+            "--json", flag,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["prompt_cache"] is (flag == "--prompt-cache")
+        requests = report["results"][0]["requests"] + 1  # and the warm-up
+        assert requests >= 3
+        evaluated[flag] = (prompt_tokens_evaluated(served) - before, prompt * requests)
+    spent, whole = evaluated["--no-prompt-cache"]
+    assert spent == whole  # every request evaluated the whole prompt
+    spent, whole = evaluated["--prompt-cache"]
+    assert spent < whole / 2  # the runner found it cached
