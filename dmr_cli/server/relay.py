@@ -69,10 +69,10 @@ class _Connection(asyncio.Protocol):
     """A connection to a runner; what arrives is appended to `buffer` and handed to the answer
     being relayed, if any (bytes outside an answer keep the connection from being reused)."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         # Kept, not looked up per request: Python 3.11 asks the kernel for the pid on every
         # `asyncio.get_running_loop()`.
-        self.loop = asyncio.get_running_loop()
+        self.loop = loop
         self.buffer = bytearray()
         self.closed = False
         self.transport: asyncio.Transport | None = None
@@ -273,8 +273,12 @@ async def _connect(socket: Path) -> _Connection:
         if fresh and conn.transport is not None and not conn.transport.is_closing():
             return conn
         conn.close()
+    return await _open(socket, asyncio.get_running_loop())
+
+
+async def _open(socket: Path, loop: asyncio.AbstractEventLoop) -> _Connection:
     try:
-        _, conn = await asyncio.get_running_loop().create_unix_connection(_Connection, str(socket))
+        _, conn = await loop.create_unix_connection(lambda: _Connection(loop), str(socket))
     except OSError as exc:
         raise UpstreamError(f"runner socket unavailable: {exc.strerror or exc}") from exc
     return conn
@@ -292,7 +296,7 @@ def _keep(socket: Path, conn: _Connection) -> None:
         _sweeps[socket] = loop.call_later(REUSE_WINDOW, _sweep, socket)
 
 
-def _open_spare(socket: Path) -> None:
+def _open_spare(socket: Path, loop: asyncio.AbstractEventLoop) -> None:
     """Open the next request's connection now. llama-server closes its connection after
     every streamed answer, and connecting first would delay the next stream's first token.
     A connection that never carried a request is as safe to use as a new one."""
@@ -301,16 +305,14 @@ def _open_spare(socket: Path) -> None:
 
     async def spare() -> None:
         try:
-            _, conn = await asyncio.get_running_loop().create_unix_connection(
-                _Connection, str(socket)
-            )
-        except OSError:
+            conn = await _open(socket, loop)
+        except UpstreamError:
             return  # the runner is gone; the next request reports it
         finally:
             del _spares[socket]
         _keep(socket, conn)
 
-    _spares[socket] = asyncio.get_running_loop().create_task(spare())
+    _spares[socket] = loop.create_task(spare())
 
 
 def _sweep(socket: Path) -> None:
@@ -380,4 +382,4 @@ async def relay(
         else:
             conn.close()
             if answered:
-                _open_spare(socket)
+                _open_spare(socket, conn.loop)

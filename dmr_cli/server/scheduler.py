@@ -270,9 +270,12 @@ class Scheduler:
         if key in self._preloads:
             return  # one is loading this configuration already
         task = self._preloads[key] = self._loop.create_task(load())
-        task.add_done_callback(
-            lambda _: self._preloads.pop(key, None) if self._preloads.get(key) is task else None
-        )
+
+        def forget(_: object) -> None:
+            if self._preloads.get(key) is task:  # not a newer preload of the same key
+                del self._preloads[key]
+
+        task.add_done_callback(forget)
 
     async def shutdown(self) -> None:
         for task in self._preloads.values():
