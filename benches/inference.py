@@ -96,8 +96,9 @@ def runner_sockets(daemon_pid: int) -> set[str]:
     return out
 
 
-async def overhead(paths: dict[str, str], runs: int) -> None:
-    """PATHS: name → socket, "direct" first; each request goes to all of them in turn."""
+async def overhead(paths: dict[str, str], runs: int, routers: dict[str, int]) -> None:
+    """PATHS: name → socket, "direct" first; each request goes to all of them in turn.
+    ROUTERS: name → pid of the process behind that path, whose CPU time is measured."""
     times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(runs):
         for name, sock in paths.items():
@@ -115,6 +116,7 @@ async def overhead(paths: dict[str, str], runs: int) -> None:
             f"p99 {(m99 - d99) * 1e3:+.3f} ms (goal <= 0.5)"
         )
     in_flight: dict[str, list[float]] = {name: [] for name in paths}
+    cpu = dict.fromkeys(routers, 0.0)
 
     async def worker(sock: str, out: list[float], n: int) -> None:
         for _ in range(n):
@@ -122,15 +124,34 @@ async def overhead(paths: dict[str, str], runs: int) -> None:
             await exchange(sock, chat("ai/tiny", 1))
             out.append(time.perf_counter() - start)
 
-    per_worker = max(4, runs // 32)
-    for _ in range(2):
+    # Many short interleaved rounds: the tail of one round moves by several ms with the
+    # machine, and so would a difference between two long runs.
+    per_worker = max(4, runs // 100)
+    for _ in range(8):
         for name, sock in paths.items():
+            before = cpu_seconds(routers[name]) if name in routers else 0.0
             await asyncio.gather(*(worker(sock, in_flight[name], per_worker) for _ in range(32)))
-    d99 = pct(in_flight["direct"], 0.99)
-    print(f"  32 in flight: direct p99 {d99 * 1e3:.2f} ms")
+            if name in routers:
+                cpu[name] += cpu_seconds(routers[name]) - before
+    d50, d99 = pct(in_flight["direct"], 0.5), pct(in_flight["direct"], 0.99)
+    print(f"  32 in flight: direct p50 {d50 * 1e3:.2f} ms p99 {d99 * 1e3:.2f} ms")
     for name in list(paths)[1:]:
-        m99 = pct(in_flight[name], 0.99)
-        print(f"  {name}: p99 {m99 * 1e3:.2f} ms, added {(m99 - d99) * 1e3:+.2f} ms (goal <= 1)")
+        m50, m99 = pct(in_flight[name], 0.5), pct(in_flight[name], 0.99)
+        line = (
+            f"  {name}: added p50 {(m50 - d50) * 1e3:+.2f} ms, "
+            f"p99 {(m99 - d99) * 1e3:+.2f} ms (goal <= 1)"
+        )
+        if name in routers:
+            # The router's CPU competes with the runner's on two cores, and under load it is
+            # well above its cost per request on an idle machine (benches/router.py).
+            line += f"; its CPU {cpu[name] / len(in_flight[name]) * 1e6:.0f} us a request"
+        print(line)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of PID's threads, to the nanosecond (psutil counts 10 ms clock ticks)."""
+    tasks = Path(f"/proc/{pid}/task").glob("*/schedstat")
+    return sum(int(task.read_text().split()[0]) for task in tasks) / 1e9
 
 
 async def streaming(paths: dict[str, str], runs: int) -> None:
@@ -294,7 +315,7 @@ async def run_all(sock: str, pid: int, args: argparse.Namespace) -> None:
                     await asyncio.sleep(0.01)
             if "overhead" in parts:
                 paths = {"direct": direct_tiny, "plain relay": relays[0].args[-2], "dmr": sock}
-                await overhead(paths, args.runs)
+                await overhead(paths, args.runs, {"plain relay": relays[0].pid, "dmr": pid})
             if "streaming" in parts:
                 paths = {"direct": direct_smol, "plain relay": relays[1].args[-2], "dmr": sock}
                 await streaming(paths, args.stream_runs)

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benches.inference import (
     chat,
+    cpu_seconds,
     exchange,
     overhead,
     plain_relay,
@@ -34,12 +35,6 @@ from tests.helpers.daemon import isolated_env
 from tests.helpers.gguf_factory import make_tiny_llama
 
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of PID's threads, to the nanosecond (psutil counts 10 ms clock ticks)."""
-    tasks = Path(f"/proc/{pid}/task").glob("*/schedstat")
-    return sum(int(task.read_text().split()[0]) for task in tasks) / 1e9
 
 
 async def cpu_per_request(pid: int, sock: str, runs: int, stream: bool = False) -> float:
@@ -72,7 +67,7 @@ async def run_all(sock: str, pid: int, args: argparse.Namespace) -> None:
             while not os.path.exists(f"{tmp}/relay.sock"):
                 await asyncio.sleep(0.01)
             paths = {"direct": runner, "plain relay": f"{tmp}/relay.sock", "dmr": sock}
-            await overhead(paths, args.runs)
+            await overhead(paths, args.runs, {"plain relay": relay.pid, "dmr": pid})
             await streaming(paths, max(20, args.runs // 30))
             routers = {"plain relay": relay.pid, "dmr": pid}
             for stream, runs, unit in ((False, args.runs // 3, "request"), (True, 20, "stream")):

@@ -4,6 +4,7 @@ bytes where framing matters and with httpx where a client's view does."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import threading
 import time
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from dmr_cli.server.httpserver import Server
+from dmr_cli.server.httpserver import Connection, Cycle, Server
 
 EVENTS: list[str] = []
 
@@ -214,6 +215,29 @@ def test_stop_lets_a_request_in_flight_finish(server: Running) -> None:
     server.shutdown()
     thread.join(10)
     assert result["response"].text == "done"
+
+
+def test_finished_exchanges_are_freed_without_the_garbage_collector(server: Running) -> None:
+    """Refcounting alone must free a closed connection and its exchanges. Reference cycles
+    among them once made the collector run every few requests and, every few thousand, stop
+    the daemon for a full collection (~20 ms, with every request in flight waiting)."""
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        server.raw(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        with server.client() as client:
+            assert client.post("/echo", content=b"kept alive").text == "kept alive"
+            assert client.get("/boom").status_code == 500
+        deadline = time.monotonic() + 10
+        while server.server.connections:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        gc.collect()
+        left = [type(o).__name__ for o in gc.garbage if isinstance(o, Connection | Cycle)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert left == []
 
 
 def test_tcp_scope_has_addresses(tmp_path: Any) -> None:
