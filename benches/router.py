@@ -67,9 +67,9 @@ async def run_all(sock: str, pid: int, args: argparse.Namespace) -> None:
             while not os.path.exists(f"{tmp}/relay.sock"):
                 await asyncio.sleep(0.01)
             paths = {"direct": runner, "plain relay": f"{tmp}/relay.sock", "dmr": sock}
-            await overhead(paths, args.runs, {"plain relay": relay.pid, "dmr": pid})
-            await streaming(paths, max(20, args.runs // 30))
             routers = {"plain relay": relay.pid, "dmr": pid}
+            await overhead(paths, args.runs, routers)
+            await streaming(paths, max(20, args.runs // 30))
             for stream, runs, unit in ((False, args.runs // 3, "request"), (True, 20, "stream")):
                 cpu: dict[str, list[float]] = {name: [] for name in routers}
                 for _ in range(3):

@@ -257,10 +257,8 @@ class Connection(asyncio.Protocol):
             self._refuse(400, b"malformed request")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # The parser's callbacks and the transport refer back to this connection: without
-        # these references refcounting frees it, and the collector never has to stop the
-        # daemon for it (cyclic garbage each request made a full collection of the heap,
-        # ~20 ms, every few thousand requests).
+        # The parser's callbacks and the transport refer back to this connection: dropped,
+        # refcounting frees it and the garbage collector never has to stop the daemon.
         self.parser = _INERT_PARSER
         self.transport = None
         self.server.connections.discard(self)
